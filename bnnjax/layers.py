@@ -1,0 +1,451 @@
+"""Quantized Flax linen layers: drop-in replacements for ``nn.Dense`` and ``nn.Conv``.
+
+A quantized layer quantizes its input with ``input_quantizer`` and its latent full-precision kernel
+with ``kernel_quantizer`` and then computes exactly what the float Flax layer computes on those
+values. Quantized kernels are stored boxed in :class:`QuantParam`, Flax axis metadata that records the
+kernel's bit width, so optimizers, the summary and the exporter find binary kernels by tag, never by
+parameter name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from flax.core import meta
+from flax import linen as nn
+
+from bnnjax import quantizers
+
+__all__ = [
+    "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
+    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float",
+]
+
+QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
+PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
+Array = Any
+
+
+class QuantParam(struct.PyTreeNode, meta.AxisMetadata):
+    """A latent kernel boxed with its quantized bit width (Flax axis metadata).
+
+    Attributes:
+      value: the latent full-precision array.
+      precision: bits per weight after quantization (1 for binary kernels).
+      quantizer: name of the kernel quantizer.
+    """
+
+    value: Any
+    precision: int = struct.field(pytree_node=False, default=1)
+    quantizer: str = struct.field(pytree_node=False, default="ste_sign")
+
+    def unbox(self):
+        return self.value
+
+    def replace_boxed(self, val):
+        return self.replace(value=val)
+
+    def add_axis(self, index, params):
+        return self
+
+    def remove_axis(self, index, params):
+        return self
+
+
+def is_quantized(x) -> bool:
+    """True for a kernel boxed by a quantized layer (any bit width)."""
+    return isinstance(x, QuantParam)
+
+
+def is_binary(x) -> bool:
+    """True for a latent kernel whose forward value is 1-bit."""
+    return isinstance(x, QuantParam) and x.precision == 1
+
+
+def precision_of(x) -> int:
+    """Bits per entry of a (possibly boxed) parameter: its tag, else its dtype's width."""
+    if isinstance(x, QuantParam):
+        return x.precision
+    return int(np.dtype(x.dtype).itemsize * 8)
+
+
+def _boxed_init(init, q: quantizers.Quantizer, precision: int | None = None):
+    def boxed(*args):
+        return QuantParam(init(*args), precision or q.precision, q.name)
+
+    return boxed
+
+
+def _latent_kernel(mdl: nn.Module, shape, q: quantizers.Quantizer, precision=None):
+    """The latent kernel param, boxed when its quantizer lowers the precision."""
+    init = mdl.kernel_init
+    if q.precision is not None or precision is not None:
+        init = _boxed_init(init, q, precision)
+    return mdl.param("kernel", init, shape, mdl.param_dtype)
+
+
+def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
+    if not q.needs_rng:
+        return q(x)
+    if mdl.has_rng("quantizer"):
+        return q(x, mdl.make_rng("quantizer"))
+    # No 'quantizer' RNG stream (evaluation): BinaryConnect's deterministic test-time binarization.
+    return quantizers.ste_sign(x, dict(q.kwargs).get("clip_value", 1.0))
+
+
+def _tuple(v, n: int, what: str) -> tuple[int, ...]:
+    if v is None:
+        return (1,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    if len(v) != n:
+        raise ValueError(f"{what} must be an int or a sequence of {n} ints, got {v!r}.")
+    return v
+
+
+def _check_rank(name: str, x, rank: int, layout: str):
+    if x.ndim != rank:
+        raise ValueError(f"{name} expects inputs of rank {rank} ({layout}), got shape {tuple(x.shape)}; "
+                         "add a batch axis with x[None] or reshape the input.")
+
+
+def _explicit_padding(padding, x_shape, kernel_shape, strides, dilation):
+    """Padding as ((lo, hi), ...) per spatial axis, as Flax's Conv resolves it."""
+    spatial = x_shape[1:-1]
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID', an int or explicit pairs, got {padding!r}.")
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_shape, dilation)]
+        return tuple(jax.lax.padtype_to_pads(spatial, dilated, strides, padding.upper()))
+    if isinstance(padding, int):
+        return ((padding, padding),) * len(spatial)
+    pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pads) != len(spatial):
+        raise ValueError(f"padding needs one entry per spatial axis ({len(spatial)}), got {padding!r}.")
+    return pads
+
+
+def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, kernel_dilation=1,
+            feature_group_count=1, precision=None):
+    """N-d convolution in channels-last layout with a constant padding value.
+
+    ``pad_values=1.0`` pads a ±1 input with +1 ("one-padding"), which keeps every input of a binary
+    convolution binary; ``0.0`` is Flax's (and TensorFlow's) zero padding.
+    """
+    n = kernel.ndim - 2
+    strides = _tuple(strides, n, "strides")
+    kdil = _tuple(kernel_dilation, n, "kernel_dilation")
+    idil = _tuple(input_dilation, n, "input_dilation")
+    pads = _explicit_padding(padding, x.shape, kernel.shape[:n], strides, kdil)
+    if pad_values != 0.0 and any(p != (0, 0) for p in pads):
+        x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=pad_values)
+        pads = ((0, 0),) * n
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
+    return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
+                                        dimension_numbers=dn, feature_group_count=feature_group_count,
+                                        precision=precision)
+
+
+_DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+class QuantDense(nn.Module):
+    """A dense layer with quantized inputs and kernel: ``y = q_in(x) @ q_k(W) + b``.
+
+    Fields are those of ``flax.linen.Dense`` plus ``input_quantizer`` and ``kernel_quantizer`` (a name
+    from ``bnnjax.quantizers.names()``, a callable, a ``Quantizer`` from ``quantizers.get(name,
+    **kwargs)``, or None for full precision). The latent kernel stays full precision and, when
+    quantized, is boxed in ``QuantParam``.
+
+    Reference: Larq's ``QuantDense`` (Geiger & Team, JOSS 2020).
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    input_quantizer: QuantizerLike = None
+    kernel_quantizer: QuantizerLike = None
+
+    @nn.compact
+    def __call__(self, inputs):
+        inputs = jnp.asarray(inputs)
+        if inputs.ndim < 1:
+            raise ValueError(f"QuantDense expects inputs of rank >= 1 (..., features), got a scalar.")
+        qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
+        kernel = _latent_kernel(self, (inputs.shape[-1], self.features), qk)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
+        x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return y if bias is None else y + bias
+
+
+class _ConvMixin:
+    """The forward pass shared by the quantized convolutions (fields live on each class)."""
+
+    def _conv(self, inputs, kernel_size, in_per_group: int, out_features: int, groups: int):
+        qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
+        kernel = _latent_kernel(self, tuple(kernel_size) + (in_per_group, out_features), qk)
+        bias = self.param("bias", self.bias_init, (out_features,), self.param_dtype) if self.use_bias else None
+        x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
+        x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
+        y = conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
+                    input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
+                    feature_group_count=groups, precision=self.precision)
+        return y if bias is None else y + bias
+
+
+class QuantConv(nn.Module, _ConvMixin):
+    """An N-d convolution (N = len(kernel_size) in 1..3) with quantized inputs and kernel.
+
+    Computes ``conv(pad(q_in(x), pad_values), q_k(W)) + b`` in channels-last layout. Fields are those of
+    ``flax.linen.Conv`` plus ``input_quantizer``, ``kernel_quantizer`` and ``pad_values`` (the value
+    "SAME"/explicit padding inserts after input quantization; 1.0 keeps a binary input binary).
+
+    Raises:
+      ValueError: ``kernel_size`` of length other than 1-3, or inputs of the wrong rank.
+
+    Reference: Larq's ``QuantConv1D/2D/3D`` (Geiger & Team, JOSS 2020).
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: int | Sequence[int] = 1
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    input_quantizer: QuantizerLike = None
+    kernel_quantizer: QuantizerLike = None
+    pad_values: float = 0.0
+
+    @nn.compact
+    def __call__(self, inputs):
+        inputs = jnp.asarray(inputs)
+        ks = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        if not 1 <= len(ks) <= 3:
+            raise ValueError(f"QuantConv supports 1-D to 3-D kernels, got kernel_size={self.kernel_size!r}.")
+        _check_rank("QuantConv", inputs, len(ks) + 2, "batch, *spatial, channels")
+        cin, g = inputs.shape[-1], self.feature_group_count
+        if cin % g or self.features % g:
+            raise ValueError(f"input channels ({cin}) and features ({self.features}) must be divisible by "
+                             f"feature_group_count ({g}).")
+        return self._conv(inputs, ks, cin // g, self.features, g)
+
+
+class QuantDepthwiseConv2D(nn.Module, _ConvMixin):
+    """A 2-D depthwise convolution with quantized inputs and kernel.
+
+    Each input channel is convolved with ``depth_multiplier`` filters of its own (kernel shape
+    ``(kh, kw, 1, C * depth_multiplier)``, Flax's grouped-conv layout with ``feature_group_count=C``).
+    Fields as :class:`QuantConv` without ``features``/``feature_group_count``.
+
+    Reference: Larq's ``QuantDepthwiseConv2D``; Howard et al., "MobileNets", 2017.
+    """
+
+    kernel_size: Sequence[int]
+    depth_multiplier: int = 1
+    strides: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: int | Sequence[int] = 1
+    kernel_dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    input_quantizer: QuantizerLike = None
+    kernel_quantizer: QuantizerLike = None
+    pad_values: float = 0.0
+
+    @nn.compact
+    def __call__(self, inputs):
+        inputs = jnp.asarray(inputs)
+        if isinstance(self.kernel_size, int) or len(self.kernel_size) != 2:
+            raise ValueError(f"QuantDepthwiseConv2D needs a 2-D kernel_size, got {self.kernel_size!r}.")
+        _check_rank("QuantDepthwiseConv2D", inputs, 4, "batch, height, width, channels")
+        cin = inputs.shape[-1]
+        return self._conv(inputs, self.kernel_size, 1, cin * self.depth_multiplier, cin)
+
+
+# --- ABC-Net --------------------------------------------------------------------------------------
+
+def abc_weight_bases(w, num_bases: int):
+    """ABC-Net's binary weight bases and their least-squares scales.
+
+    ``B_i = sign(W - mean(W) + u_i std(W))`` with ``u_i = -1 + 2 (i - 1) / (M - 1)`` (``u = 0`` for
+    ``M = 1``), and ``alpha = argmin ||vec(W) - sum_i alpha_i vec(B_i)||^2`` solved in closed form.
+    The sign uses a straight-through gradient (``dB_i/dW = 1``); alpha is a constant for the backward
+    pass, so ``dL/dW = sum_i alpha_i dL/dB_i`` as in the paper.
+
+    Args:
+      w: latent float kernel.
+      num_bases: M >= 1.
+
+    Returns:
+      ``(bases, alpha)``: bases of shape ``(M,) + w.shape`` with values ±1, alpha of shape ``(M,)``.
+
+    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
+    """
+    if num_bases < 1:
+        raise ValueError(f"num_weight_bases must be >= 1, got {num_bases}.")
+    u = jnp.zeros((1,)) if num_bases == 1 else jnp.linspace(-1.0, 1.0, num_bases)
+    mean, std = jax.lax.stop_gradient(jnp.mean(w)), jax.lax.stop_gradient(jnp.std(w))
+    shifted = (w - mean)[None] + (u * std).reshape((-1,) + (1,) * w.ndim).astype(w.dtype)
+    bases = quantizers.ste_sign(shifted, clip_value=None)
+    a = jax.lax.stop_gradient(bases.reshape(num_bases, -1).T.astype(jnp.float32))
+    alpha, *_ = jnp.linalg.lstsq(a, jax.lax.stop_gradient(w).reshape(-1).astype(jnp.float32))
+    return bases, alpha.astype(w.dtype)
+
+
+def abc_activation_bases(x, shifts):
+    """ABC-Net's shifted binarizations of an input: ``A_n = sign(clip(x + v_n, 0, 1) - 0.5)``.
+
+    Backward: straight-through sign, so ``dA_n/dx = dA_n/dv_n = 1(0 <= x + v_n <= 1)``.
+
+    Returns:
+      Array of shape ``(N,) + x.shape`` with values ±1.
+    """
+    v = shifts.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
+    return quantizers.ste_sign(jnp.clip(x[None] + v, 0, 1) - 0.5, clip_value=None)
+
+
+def _default_shifts(n):
+    return lambda key, shape, dtype=jnp.float32: (jnp.linspace(-0.5, 0.5, n + 2)[1:-1]).astype(dtype)
+
+
+class _ABCMixin:
+    """The forward pass shared by the ABC layers (fields live on each class)."""
+
+    def _approx(self, inputs, kernel_shape, op):
+        q = quantizers.Quantizer("abc", quantizers.ste_sign, precision=self.num_weight_bases)
+        w = _latent_kernel(self, kernel_shape, q, precision=self.num_weight_bases)
+        bases, alpha = abc_weight_bases(w, self.num_weight_bases)
+        w_hat = jnp.tensordot(alpha, bases, axes=1)
+        x = inputs
+        if self.num_act_bases is not None:
+            if self.num_act_bases < 1:
+                raise ValueError(f"num_act_bases must be >= 1 or None (real input), got {self.num_act_bases}.")
+            shifts = self.param("shift", _default_shifts(self.num_act_bases), (self.num_act_bases,),
+                                self.param_dtype)
+            beta = self.param("beta", nn.initializers.ones_init(), (self.num_act_bases,), self.param_dtype)
+            # sum_n beta_n sum_m alpha_m op(A_n, B_m) = op(sum_n beta_n A_n, sum_m alpha_m B_m): one op
+            # trains the same function with the same gradients as the M x N binary ops it stands for.
+            x = jnp.tensordot(beta, abc_activation_bases(inputs, shifts), axes=1)
+        bias = self.param("bias", self.bias_init, (kernel_shape[-1],), self.param_dtype) if self.use_bias else None
+        x, w_hat, bias = nn.dtypes.promote_dtype(x, w_hat, bias, dtype=self.dtype)
+        y = op(x, w_hat)
+        return y if bias is None else y + bias
+
+
+class ABCDense(nn.Module, _ABCMixin):
+    """ABC-Net dense layer: M binary weight bases and N shifted binary activation bases.
+
+    ``y = sum_n beta_n sum_m alpha_m (A_n @ B_m) + b`` with ``B_m``, ``alpha`` from
+    :func:`abc_weight_bases` (alphas solved by least squares in every forward pass) and ``A_n`` from
+    :func:`abc_activation_bases` with learnable shifts ``v_n`` and weights ``beta_n``.
+    ``num_act_bases=None`` keeps the input real (ABC's ApproxDense).
+
+    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
+    """
+
+    features: int
+    num_weight_bases: int = 3
+    num_act_bases: int | None = 3
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, inputs):
+        inputs = jnp.asarray(inputs)
+        dot = lambda x, w: jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return self._approx(inputs, (inputs.shape[-1], self.features), dot)
+
+
+class ABCConv(nn.Module, _ABCMixin):
+    """ABC-Net convolution (1-3 D): M binary weight bases, N shifted binary activation bases.
+
+    ``y = sum_n beta_n sum_m alpha_m conv(A_n, B_m) + b``; see :class:`ABCDense`. Fields of
+    ``flax.linen.Conv`` (``features``, ``kernel_size``, ``strides``, ``padding``, ...).
+
+    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    num_weight_bases: int = 3
+    num_act_bases: int | None = 3
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, inputs):
+        inputs = jnp.asarray(inputs)
+        ks = tuple(self.kernel_size)
+        _check_rank("ABCConv", inputs, len(ks) + 2, "batch, *spatial, channels")
+        conv = lambda x, w: conv_nd(x, w, strides=self.strides, padding=self.padding,
+                                    kernel_dilation=self.kernel_dilation, precision=self.precision)
+        return self._approx(inputs, ks + (inputs.shape[-1], self.features), conv)
+
+
+def abc_from_float(layer: nn.Module, params: dict, num_weight_bases: int = 3,
+                   num_act_bases: int | None = 3):
+    """Build an ABC layer from a trained float ``nn.Conv``/``nn.Dense`` (or Quant*) and its params.
+
+    Args:
+      layer: the float layer (its fields are copied).
+      params: that layer's params, ``{"kernel": ..., "bias": ...}``.
+      num_weight_bases: M.
+      num_act_bases: N, or None to keep the input real.
+
+    Returns:
+      ``(abc_layer, abc_params)``; the shifts and betas start at their defaults.
+
+    Raises:
+      TypeError: ``layer`` is not a dense or convolution layer.
+    """
+    if not isinstance(layer, (nn.Dense, QuantDense, nn.Conv, QuantConv)):
+        raise TypeError(f"abc_from_float converts nn.Dense/nn.Conv layers, got {type(layer).__name__}.")
+    kernel = meta.unbox(params["kernel"])
+    common = dict(num_weight_bases=num_weight_bases, num_act_bases=num_act_bases, use_bias="bias" in params,
+                  dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision)
+    if isinstance(layer, (nn.Dense, QuantDense)):
+        new = ABCDense(features=layer.features, **common)
+    elif isinstance(layer, (nn.Conv, QuantConv)):
+        ks = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
+        new = ABCConv(features=layer.features, kernel_size=ks, strides=layer.strides,
+                      padding=layer.padding, kernel_dilation=layer.kernel_dilation, **common)
+    out = {"kernel": QuantParam(jnp.asarray(kernel), num_weight_bases, "abc")}
+    if num_act_bases is not None:
+        out["shift"] = _default_shifts(num_act_bases)(None, (num_act_bases,), kernel.dtype)
+        out["beta"] = jnp.ones((num_act_bases,), kernel.dtype)
+    if "bias" in params:
+        out["bias"] = jnp.asarray(params["bias"])
+    return new, out

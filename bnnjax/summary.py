@@ -1,0 +1,230 @@
+"""Larq-style model summary: parameters by bit width, memory, and MACs by precision, per layer.
+
+Shapes come from ``jax.eval_shape`` of ``module.init`` (no forward pass is computed) with every
+submodule call intercepted to record its input and output shapes. Counting rules follow Larq's
+``lq.models.summary``: a BatchNorm counts as fused (2 numbers per channel: its offset is folded with
+the moving mean, its scale with the moving variance); MACs are kernel size x output positions, at the
+precision ``max(input bits, kernel bits)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from bnnjax import layers as L
+from bnnjax import quantizers
+
+__all__ = ["summary", "LayerProfile"]
+
+_MAC_LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose, L.QuantDense, L.QuantConv, L.QuantDepthwiseConv2D,
+               L.ABCDense, L.ABCConv)
+
+
+@dataclasses.dataclass
+class LayerProfile:
+    """One row of the layer table."""
+
+    name: str
+    kind: str
+    input_precision: int | None
+    output_shape: tuple
+    params_by_bits: dict[int, int]
+    trainable: int
+    non_trainable: int
+    memory_bits: int
+    macs_by_bits: dict[int, int]
+
+
+def _own_vars(variables, path):
+    out = {}
+    for col, tree in variables.items():
+        node = tree
+        for p in path:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        own = {k: v for k, v in node.items() if not isinstance(v, dict)} if isinstance(node, dict) else {}
+        if own:
+            out[col] = own
+    return out
+
+
+def _input_precision(module) -> int | None:
+    q = getattr(module, "input_quantizer", None)
+    if isinstance(module, (L.ABCDense, L.ABCConv)):
+        return 1 if module.num_act_bases is not None else None
+    return quantizers.get(q).precision if q is not None else None
+
+
+def _profile(name, module, own, in_shape, out_shape) -> LayerProfile:
+    params = dict(own.get("params", {}))
+    stats = {c: v for c, v in own.items() if c != "params"}
+    bn_stats = stats.get("batch_stats", {})
+    if isinstance(module, nn.BatchNorm):
+        # Larq counts BatchNorm as fused for inference: offset folds into the mean, scale into the variance
+        if "bias" in params and "mean" in bn_stats:
+            params.pop("bias")
+        if "scale" in params and "var" in bn_stats:
+            params.pop("scale")
+    by_bits: dict[int, int] = {}
+    trainable = non_trainable = memory = 0
+    for group, is_trainable in ((params, True), *((v, False) for v in stats.values())):
+        for leaf in jax.tree.leaves(group, is_leaf=L.is_quantized):
+            value = leaf.value if L.is_quantized(leaf) else leaf
+            bits, size = L.precision_of(leaf), int(np.prod(value.shape))
+            by_bits[bits] = by_bits.get(bits, 0) + size
+            memory += bits * size
+            if is_trainable:
+                trainable += size
+            else:
+                non_trainable += size
+    in_prec = _input_precision(module)
+    macs: dict[int, int] = {}
+    kernel = own.get("params", {}).get("kernel")
+    if isinstance(module, _MAC_LAYERS) and kernel is not None and out_shape:
+        kshape = kernel.value.shape if L.is_quantized(kernel) else kernel.shape
+        positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 1 else 1
+        count = int(np.prod(kshape)) * positions
+        if isinstance(module, (L.ABCDense, L.ABCConv)):
+            count *= module.num_weight_bases * (module.num_act_bases or 1)
+        mac_bits = max(in_prec or 32, L.precision_of(kernel))
+        macs[mac_bits] = count
+    return LayerProfile(name, type(module).__name__, in_prec, tuple(out_shape), by_bits, trainable,
+                        non_trainable, memory, macs)
+
+
+def _trace(module: nn.Module, args, kwargs, rngs):
+    """Record (path, module, input shape, output shape) of every submodule ``__call__`` in order."""
+    calls = []
+
+    def interceptor(next_fun, a, kw, context):
+        out = next_fun(*a, **kw)
+        if context.method_name == "__call__":
+            shape_of = lambda v: tuple(v.shape) if hasattr(v, "shape") else ()
+            calls.append((tuple(context.module.path), context.module,
+                          shape_of(a[0]) if a else (), shape_of(out)))
+        return out
+
+    def init():
+        with nn.intercept_methods(interceptor):
+            return module.init(rngs, *args, **kwargs)
+
+    variables = jax.eval_shape(init)
+    return variables, calls
+
+
+def _fmt_shape(shape):
+    return "(-1, " + ", ".join(str(s) for s in shape[1:]) + ")" if shape else "?"
+
+
+def _kib(bits):
+    return bits / 8 / 1024
+
+
+def _count(n):
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+
+
+def _table(title, header, rows, footer=None):
+    cols = list(zip(*(([header] if header else []) + rows + ([footer] if footer else []))))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    left = 1 if header else len(widths)  # the key-value table reads left-aligned
+    line = lambda r: "| " + "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                                      for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    width = len(line(header or rows[0]))
+    rule = "+" + "-" * (width - 2) + "+"
+    out = ["+" + title + "-" * (width - 2 - len(title)) + "+"] + ([line(header), rule] if header else [])
+    out += [line(r) for r in rows] + [rule]
+    if footer:
+        out += [line(footer), rule]
+    return "\n".join(out)
+
+
+def summary(module: nn.Module, *example_inputs, print_fn: Callable[[str], Any] | None = print,
+            rngs=None, **kwargs) -> dict:
+    """Print Larq's two summary tables for a Flax module and return the figures.
+
+    Args:
+      module: a Flax linen module.
+      *example_inputs: arguments of ``module.__call__`` (arrays or ``jax.ShapeDtypeStruct``; the first
+        axis is the batch axis, counted out of MACs).
+      print_fn: where the tables go; None prints nothing.
+      rngs: PRNG key(s) for ``init`` (default ``jax.random.key(0)``; shapes only, no values computed).
+      **kwargs: keyword arguments of ``module.__call__`` (e.g. ``train=False``).
+
+    Returns:
+      A dict with ``layers`` (a list of per-layer dicts), ``params_by_bits`` ({bits: count}),
+      ``total_params``, ``trainable_params``, ``non_trainable_params``, ``memory_kib``,
+      ``memory_8bit_kib``, ``float32_kib``, ``compression_ratio``, ``macs_by_bits`` ({bits: count}),
+      ``total_macs`` and ``binarized_mac_ratio``.
+    """
+    rngs = jax.random.key(0) if rngs is None else rngs
+    if not isinstance(rngs, dict):
+        rngs = {"params": rngs, "dropout": rngs, "quantizer": rngs}
+    variables, calls = _trace(module, example_inputs, kwargs, rngs)
+    variables = dict(variables)
+    profiles, seen = [], set()
+    for path, mod, in_shape, out_shape in calls:
+        own = _own_vars(variables, path)
+        if path in seen or (not own and not isinstance(mod, _MAC_LAYERS)) or (path == () and not own):
+            continue
+        seen.add(path)
+        profiles.append(_profile("/".join(path) or type(mod).__name__, mod, own, in_shape, out_shape))
+
+    bits_all = sorted({b for p in profiles for b in p.params_by_bits} | {b for p in profiles for b in p.macs_by_bits})
+    params_by_bits = {b: sum(p.params_by_bits.get(b, 0) for p in profiles) for b in bits_all
+                      if any(b in p.params_by_bits for p in profiles)}
+    macs_by_bits = {b: sum(p.macs_by_bits.get(b, 0) for p in profiles) for b in bits_all
+                    if any(b in p.macs_by_bits for p in profiles)}
+    memory_bits = sum(p.memory_bits for p in profiles)
+    total = sum(params_by_bits.values())
+    total_macs = sum(macs_by_bits.values())
+    result = {
+        "layers": [dataclasses.asdict(p) for p in profiles],
+        "params_by_bits": params_by_bits,
+        "total_params": total,
+        "trainable_params": sum(p.trainable for p in profiles),
+        "non_trainable_params": sum(p.non_trainable for p in profiles),
+        "memory_kib": _kib(memory_bits),
+        "memory_8bit_kib": _kib(sum(n * (b if b < 8 else 8) for b, n in params_by_bits.items())),
+        "float32_kib": _kib(32 * total),
+        "compression_ratio": memory_bits / (32 * total) if total else 0.0,
+        "macs_by_bits": macs_by_bits,
+        "total_macs": total_macs,
+        "binarized_mac_ratio": macs_by_bits.get(1, 0) / total_macs if total_macs else 0.0,
+    }
+    if print_fn is not None:
+        print_fn(_render(type(module).__name__.lower(), profiles, result))
+    return result
+
+
+def _render(title, profiles, r):
+    pbits = sorted(r["params_by_bits"])
+    mbits = sorted(r["macs_by_bits"])
+    header = (["Layer", "Input prec. (bit)", "Outputs"] + [f"# {b}-bit" for b in pbits] + ["Memory (KiB)"]
+              + [f"{b}-bit MACs" for b in mbits])
+    rows = []
+    for p in profiles:
+        rows.append([p.name, "-" if p.input_precision is None else p.input_precision, _fmt_shape(p.output_shape)]
+                    + [p.params_by_bits.get(b, 0) for b in pbits]
+                    + [f"{_kib(p.memory_bits):.2f}" if p.memory_bits else "0"]
+                    + [p.macs_by_bits.get(b, 0) for b in mbits])
+    footer = (["Total", "", ""] + [r["params_by_bits"][b] for b in pbits] + [f"{r['memory_kib']:.2f}"]
+              + [r["macs_by_bits"][b] for b in mbits])
+    stats = _table(f"{title} stats", header, rows, footer)
+    summ = [
+        ["Total params", _count(r["total_params"])],
+        ["Trainable params", _count(r["trainable_params"])],
+        ["Non-trainable params", _count(r["non_trainable_params"])],
+        ["Model size", f"{r['memory_kib']:.2f} KiB"],
+        ["Model size (8-bit FP weights)", f"{r['memory_8bit_kib']:.2f} KiB"],
+        ["Float-32 Equivalent", f"{r['float32_kib']:.2f} KiB"],
+        ["Compression Ratio of Memory", f"{r['compression_ratio']:.2f}"],
+        ["Number of MACs", _count(r["total_macs"])],
+        ["Ratio of MACs that are binarized", f"{r['binarized_mac_ratio']:.4f}"],
+    ]
+    return stats + "\n" + _table(f"{title} summary", None, summ)

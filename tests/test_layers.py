@@ -1,0 +1,179 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import bnnjax
+from bnnjax import layers as L
+from bnnjax import quantizers as q
+
+KEY = jax.random.key(0)
+sign = lambda a: jnp.where(a >= 0, 1.0, -1.0).astype(a.dtype)
+BIN = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+
+
+def signed_params(params):
+    """The layer's params with each quantized kernel replaced by the sign of its latent value."""
+    return jax.tree.map(lambda x: sign(x.value) if L.is_quantized(x) else x, params, is_leaf=L.is_quantized)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 7), (4, 33), (2, 3, 5)])
+def test_quant_dense_equals_float_dense_on_signed_values(use_bias, shape):
+    x = jax.random.normal(KEY, shape)
+    layer = L.QuantDense(6, use_bias=use_bias, bias_init=nn.initializers.normal(), **BIN)
+    v = layer.init(jax.random.key(1), x)
+    ref = nn.Dense(6, use_bias=use_bias).apply({"params": signed_params(v["params"])}, sign(x))
+    np.testing.assert_array_equal(layer.apply(v, x), ref)
+
+
+CONV_CASES = [
+    ((3,), 1, "SAME", (2, 11, 3)),
+    ((3,), 2, "VALID", (1, 10, 2)),
+    ((3, 3), 1, "SAME", (2, 9, 7, 3)),
+    ((3, 3), 2, "SAME", (1, 8, 7, 5)),
+    ((2, 3), (2, 1), "VALID", (2, 9, 9, 4)),
+    ((3, 3), 1, ((2, 0), (1, 1)), (1, 6, 6, 2)),
+    ((3, 3, 3), 1, "SAME", (1, 5, 6, 5, 2)),
+    ((2, 2, 2), 2, "VALID", (2, 5, 5, 5, 3)),
+]
+
+
+@pytest.mark.parametrize("kernel_size,strides,padding,shape", CONV_CASES)
+def test_quant_conv_equals_float_conv_on_signed_values(kernel_size, strides, padding, shape):
+    x = jax.random.normal(KEY, shape)
+    layer = L.QuantConv(4, kernel_size, strides=strides, padding=padding, bias_init=nn.initializers.normal(), **BIN)
+    v = layer.init(jax.random.key(1), x)
+    ref = nn.Conv(4, kernel_size, strides=strides, padding=padding).apply(
+        {"params": signed_params(v["params"])}, sign(x))
+    np.testing.assert_array_equal(layer.apply(v, x), ref)
+
+
+@pytest.mark.parametrize("kernel_size,strides,shape", [((3, 3), 1, (2, 7, 7, 3)), ((3, 3), 2, (1, 8, 9, 2)),
+                                                        ((5,), 1, (2, 9, 3))])
+def test_one_padding_equals_float_conv_on_one_padded_input(kernel_size, strides, shape):
+    x = jax.random.normal(KEY, shape)
+    layer = L.QuantConv(3, kernel_size, strides=strides, padding="SAME", pad_values=1.0, use_bias=False, **BIN)
+    v = layer.init(jax.random.key(1), x)
+    n = len(kernel_size)
+    pads = jax.lax.padtype_to_pads(shape[1:-1], kernel_size, (strides,) * n, "SAME")
+    padded = jnp.pad(sign(x), ((0, 0), *pads, (0, 0)), constant_values=1.0)
+    ref = nn.Conv(3, kernel_size, strides=strides, padding="VALID", use_bias=False).apply(
+        {"params": signed_params(v["params"])}, padded)
+    np.testing.assert_array_equal(layer.apply(v, x), ref)
+    # and one-padding is not zero-padding: border outputs differ
+    zero = L.QuantConv(3, kernel_size, strides=strides, padding="SAME", use_bias=False, **BIN).apply(v, x)
+    assert not np.array_equal(np.asarray(zero), np.asarray(ref))
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_equals_grouped_float_conv(multiplier):
+    x = jax.random.normal(KEY, (2, 7, 6, 3))
+    layer = L.QuantDepthwiseConv2D((3, 3), depth_multiplier=multiplier, **BIN)
+    v = layer.init(jax.random.key(1), x)
+    assert v["params"]["kernel"].value.shape == (3, 3, 1, 3 * multiplier)
+    ref = nn.Conv(3 * multiplier, (3, 3), feature_group_count=3).apply({"params": signed_params(v["params"])}, sign(x))
+    np.testing.assert_array_equal(layer.apply(v, x), ref)
+
+
+@pytest.mark.parametrize("layer", [L.QuantDense(3, **BIN), L.QuantConv(3, (3, 3), **BIN),
+                                   L.QuantDepthwiseConv2D((3, 3), **BIN)])
+def test_binary_kernels_are_tagged_and_float_kernels_are_not(layer):
+    x = jnp.ones((1, 5, 5, 2))
+    v = layer.init(KEY, x)
+    k = v["params"]["kernel"]
+    assert L.is_binary(k) and k.precision == 1 and k.quantizer == "ste_sign"
+    plain = layer.clone(kernel_quantizer=None).init(KEY, x)["params"]["kernel"]
+    assert not L.is_quantized(plain)
+    assert layer.clone(kernel_quantizer=q.get("dorefa", k_bit=4, mode="weights")).init(KEY, x)["params"]["kernel"].precision == 4
+
+
+def test_layers_train_with_gradients_through_latent_kernels():
+    x = jax.random.normal(KEY, (4, 8, 8, 2))
+    layer = L.QuantConv(3, (3, 3), **BIN)
+    v = layer.init(KEY, x)
+    g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(v["params"])
+    assert isinstance(g["kernel"], L.QuantParam) and float(jnp.abs(g["kernel"].value).sum()) > 0
+
+
+def test_half_precision_dtype():
+    x = jax.random.normal(KEY, (2, 6, 6, 3)).astype(jnp.bfloat16)
+    layer = L.QuantConv(4, (3, 3), dtype=jnp.bfloat16, **BIN)
+    v = layer.init(KEY, x)
+    y = layer.apply(v, x)
+    assert y.dtype == jnp.bfloat16
+    ref = layer.clone(dtype=jnp.float32).apply(v, x.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), ref)  # small integers are exact in bf16
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(ValueError, match="rank 4.*got shape \\(5, 5, 2\\)"):
+        L.QuantConv(3, (3, 3)).init(KEY, jnp.ones((5, 5, 2)))
+    with pytest.raises(ValueError, match="1-D to 3-D"):
+        L.QuantConv(3, (3, 3, 3, 3)).init(KEY, jnp.ones((1, 5, 5, 5, 5, 2)))
+    with pytest.raises(ValueError, match="unknown quantizer 'sign'"):
+        L.QuantDense(3, kernel_quantizer="sign").init(KEY, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="padding"):
+        L.QuantConv(3, (3, 3), padding="FULL").init(KEY, jnp.ones((1, 5, 5, 2)))
+    with pytest.raises(ValueError, match="feature_group_count"):
+        L.QuantConv(3, (3, 3), feature_group_count=2).init(KEY, jnp.ones((1, 5, 5, 2)))
+
+
+def test_stochastic_kernel_quantizer_uses_quantizer_rng_and_is_deterministic_without():
+    x = jnp.ones((1, 16))
+    layer = L.QuantDense(64, kernel_quantizer="stochastic_sign", use_bias=False,
+                         kernel_init=nn.initializers.constant(0.0))
+    v = layer.init(KEY, x)
+    a = layer.apply(v, x, rngs={"quantizer": jax.random.key(1)})
+    b = layer.apply(v, x, rngs={"quantizer": jax.random.key(2)})
+    assert not np.array_equal(a, b)  # p = 1/2 everywhere: two keys disagree somewhere
+    np.testing.assert_array_equal(layer.apply(v, x), np.full((1, 64), 16.0))  # sign(0) = +1 deterministically
+
+
+# --- ABC-Net ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_abc_weight_bases_follow_the_paper(m):
+    w = jax.random.normal(KEY, (3, 3, 4, 6)) * 0.1
+    bases, alpha = L.abc_weight_bases(w, m)
+    wn = np.asarray(w, np.float64)
+    u = [0.0] if m == 1 else [-1 + 2 * i / (m - 1) for i in range(m)]
+    expected = np.stack([np.where(wn - wn.mean() + ui * wn.std() >= 0, 1.0, -1.0) for ui in u])
+    np.testing.assert_array_equal(bases, expected)
+    a_ref, *_ = np.linalg.lstsq(expected.reshape(m, -1).T, wn.reshape(-1), rcond=None)
+    np.testing.assert_allclose(alpha, a_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_abc_conv_equals_explicit_sum_of_binary_convs():
+    x = jax.random.uniform(KEY, (2, 8, 8, 3), minval=-0.5, maxval=1.5)
+    layer = L.ABCConv(4, (3, 3), num_weight_bases=3, num_act_bases=2)
+    v = layer.init(jax.random.key(1), x)
+    p = v["params"]
+    bases, alpha = L.abc_weight_bases(p["kernel"].value, 3)
+    acts = L.abc_activation_bases(x, p["shift"])
+    conv = lambda a, b: nn.Conv(4, (3, 3), use_bias=False).apply({"params": {"kernel": b}}, a)
+    ref = sum(p["beta"][n] * alpha[i] * conv(acts[n], bases[i]) for n in range(2) for i in range(3)) + p["bias"]
+    np.testing.assert_allclose(layer.apply(v, x), ref, rtol=1e-5, atol=1e-4)
+    g = jax.grad(lambda pp: jnp.sum(layer.apply({"params": pp}, x) ** 2))(p)
+    assert all(float(jnp.abs(leaf).sum()) > 0 for leaf in jax.tree.leaves(g))  # shifts and betas learn
+
+
+def test_abc_from_float_keeps_the_float_kernel_and_approximates_the_float_layer():
+    x = jax.random.normal(KEY, (2, 8, 8, 3))
+    conv = nn.Conv(8, (3, 3))
+    fp = conv.init(KEY, x)["params"]
+    errs = []
+    for m in (1, 3, 5):
+        abc, ap = L.abc_from_float(conv, fp, num_weight_bases=m, num_act_bases=None)
+        np.testing.assert_array_equal(ap["kernel"].value, fp["kernel"])
+        errs.append(float(jnp.mean((abc.apply({"params": ap}, x) - conv.apply({"params": fp}, x)) ** 2)))
+    assert errs[0] > errs[1] > errs[2]  # more bases, closer to the float layer
+    dense, dp = L.abc_from_float(nn.Dense(5), nn.Dense(5).init(KEY, jnp.ones((1, 7)))["params"], 2, 2)
+    assert dense.apply({"params": dp}, jnp.ones((3, 7))).shape == (3, 5)
+    with pytest.raises(TypeError, match="BatchNorm"):
+        L.abc_from_float(nn.BatchNorm(), {"kernel": jnp.ones(3)})
+
+
+def test_public_api_reexports():
+    assert bnnjax.QuantConv is L.QuantConv and bnnjax.ste_sign is q.ste_sign
