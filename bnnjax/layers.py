@@ -22,7 +22,7 @@ from bnnjax import quantizers
 
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
-    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float",
+    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "conv_nd", "max_pool",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -145,10 +145,58 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
     if pad_values != 0.0 and any(p != (0, 0) for p in pads):
         x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=pad_values)
         pads = ((0, 0),) * n
+    if _use_patches_conv(x, kernel, idil, feature_group_count):
+        return _patches_conv(x, kernel, strides, pads, kdil, precision)
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
     return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
                                         dimension_numbers=dn, feature_group_count=feature_group_count,
                                         precision=precision)
+
+
+def _use_patches_conv(x, kernel, input_dilation, groups) -> bool:
+    # XLA:CPU's convolution backward is several times slower than a dot on the same data; GPUs and
+    # TPUs have fast native convolutions. Chosen at trace time from the default backend.
+    return (jax.default_backend() == "cpu" and groups == 1 and all(d == 1 for d in input_dilation)
+            and int(np.prod(kernel.shape[:-2])) > 1)
+
+
+def _patches_conv(x, kernel, strides, pads, dilation, precision):
+    """Convolution as im2col by strided slicing + one dot: same values as lax.conv, faster on CPU.
+
+    The slices' transpose is a pad-and-add, so the backward pass is two dots and cheap adds.
+    """
+    n = kernel.ndim - 2
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),)) if any(p != (0, 0) for p in pads) else x
+    in_sp = x.shape[1:-1]
+    ks = kernel.shape[:n]
+    out_sp = [(i - (k - 1) * d - 1) // s + 1 for i, k, d, s in zip(in_sp, ks, dilation, strides)]
+    cols = []
+    for offs in np.ndindex(*ks):
+        start = (0,) + tuple(o * d for o, d in zip(offs, dilation)) + (0,)
+        limit = (x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides)) + (x.shape[-1],)
+        cols.append(jax.lax.slice(x, start, limit, (1,) + tuple(strides) + (1,)))
+    patches = jnp.concatenate(cols, axis=-1)
+    y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, kernel.shape[-1]), precision=precision)
+    return y.reshape((x.shape[0],) + tuple(out_sp) + (kernel.shape[-1],))
+
+
+def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID"):
+    """Max pooling, ``flax.linen.max_pool``'s signature, with a fast path for VALID, window == stride.
+
+    Non-overlapping windows become a reshape and a max over the window axes, whose gradient is a cheap
+    compare-and-select; XLA's generic ``reduce_window`` gradient (select-and-scatter) is several times
+    slower on CPU. Other cases call ``nn.max_pool``.
+    """
+    strides = tuple(window_shape) if strides is None else tuple(strides)
+    window_shape = tuple(window_shape)
+    if padding != "VALID" or strides != window_shape:
+        return nn.max_pool(x, window_shape, strides, padding)
+    n = len(window_shape)
+    spatial = x.shape[1:1 + n]
+    out = [s // w for s, w in zip(spatial, window_shape)]
+    x = x[(slice(None),) + tuple(slice(0, o * w) for o, w in zip(out, window_shape))]
+    shape = (x.shape[0],) + tuple(v for o, w in zip(out, window_shape) for v in (o, w)) + x.shape[1 + n:]
+    return x.reshape(shape).max(axis=tuple(2 + 2 * i for i in range(n)))
 
 
 _DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}

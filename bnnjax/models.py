@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bnnjax.layers import QuantConv, QuantDense
+from bnnjax.layers import QuantConv, QuantDense, max_pool
 
 __all__ = ["LarqTutorialCNN", "keras_batch_norm"]
 
@@ -36,7 +36,7 @@ class LarqTutorialCNN(nn.Module):
     def __call__(self, x, train: bool = False):
         binary = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False,
                       kernel_init=self.kernel_init)
-        pool = lambda y: nn.max_pool(y, (2, 2), (2, 2))
+        pool = lambda y: max_pool(y, (2, 2))
         x = QuantConv(32, (3, 3), padding="VALID", kernel_quantizer="ste_sign", use_bias=False,
                       kernel_init=self.kernel_init)(x)
         x = keras_batch_norm(train, use_scale=False)(pool(x))
