@@ -33,7 +33,7 @@ def main(argv=None):
     state = train.create_train_state(model, tx, xtr[:1])
     # warm-up: compile the full-chunk and the partial-batch programs on a throwaway copy of the state
     warm = jax.tree.map(jnp.copy, state)
-    n_warm = a.batch_size * a.steps_per_call + 1
+    n_warm = a.batch_size * a.steps_per_call + (len(xtr) % a.batch_size or a.batch_size)  # same shapes as the run
     train.fit(warm, (xtr[:n_warm], ytr[:n_warm]), (xte[:1000], yte[:1000]), epochs=1, batch_size=a.batch_size,
               steps_per_call=a.steps_per_call, progress=False)
     state, hist = train.fit(state, (xtr, ytr), (xte, yte), epochs=a.epochs, batch_size=a.batch_size,
