@@ -1,0 +1,86 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bnnjax import packing as pk
+
+
+def pm1(rng, shape):
+    return np.where(rng.random(shape) < 0.5, 1.0, -1.0).astype(np.float32)
+
+
+def test_bit_layout_is_lsb_first_and_set_means_minus_one():
+    x = np.ones(40, np.float32)
+    x[[0, 3, 33]] = -1
+    w = np.asarray(pk.pack_bits(x))
+    assert w.dtype == np.uint32 and w.shape == (2,)
+    assert w.tolist() == [(1 << 0) | (1 << 3), 1 << 1]
+    np.testing.assert_array_equal(pk.unpack_bits(w, 40), x)
+    assert int(pk.pack_bits(np.array([0.0, -0.0, 1e-30]))[0]) == 0  # sign(0) = +1
+
+
+@pytest.mark.parametrize("kernel", ["popcount", "int8"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 7, 31), (3, 5, 32), (9, 4, 33), (17, 3, 1000), (1, 64, 4096),
+                                   (130, 2, 65), (8, 8, 64)])
+def test_xnor_matmul_is_exact(kernel, m, n, k):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    a, b = pm1(rng, (m, k)), pm1(rng, (n, k))
+    out = jax.jit(lambda x, y: pk.xnor_matmul(x, y, k, kernel=kernel))(pk.pack_bits(a), pk.pack_bits(b))
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 300), st.integers(0, 2 ** 31))
+def test_xnor_matmul_property(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(m, k)), rng.normal(size=(n, k))  # any floats: their signs are packed
+    sa, sb = np.where(a >= 0, 1, -1), np.where(b >= 0, 1, -1)
+    np.testing.assert_array_equal(pk.xnor_matmul(pk.pack_bits(a), pk.pack_bits(b), k), sa @ sb.T)
+
+
+def test_batched_leading_axes_and_errors():
+    rng = np.random.default_rng(0)
+    a, b = pm1(rng, (2, 3, 50)), pm1(rng, (4, 50))
+    np.testing.assert_array_equal(pk.xnor_matmul(pk.pack_bits(a), pk.pack_bits(b), 50), a @ b.T)
+    with pytest.raises(ValueError, match="equal W"):
+        pk.xnor_matmul(pk.pack_bits(a), pk.pack_bits(pm1(rng, (4, 70))), 50)
+    with pytest.raises(ValueError, match="k=65"):
+        pk.xnor_matmul(pk.pack_bits(a), pk.pack_bits(b), 65)
+    with pytest.raises(ValueError, match="uint32"):
+        pk.xnor_matmul(jnp.ones((2, 2)), pk.pack_bits(b), 50)
+
+
+def float_conv(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape,kernel_hw,cout,strides", [
+    ((1, 7, 7, 32), (3, 3), 8, (1, 1)),     # batch 1, odd spatial size
+    ((2, 9, 8, 5), (3, 3), 4, (2, 2)),      # C not a multiple of 32, strides
+    ((3, 6, 11, 40), (2, 3), 3, (1, 2)),
+    ((1, 5, 5, 64), (5, 5), 2, (1, 1)),
+    ((2, 8, 8, 1), (1, 1), 6, (1, 1)),
+])
+@pytest.mark.parametrize("padding", ["VALID", "SAME_ONE", "SAME_ZERO"])
+def test_binary_conv2d_equals_lax_conv(shape, kernel_hw, cout, strides, padding):
+    rng = np.random.default_rng(sum(shape))
+    x, w = pm1(rng, shape), pm1(rng, kernel_hw + (shape[-1], cout))
+    k = int(np.prod(kernel_hw)) * shape[-1]
+    pads = jax.lax.padtype_to_pads(shape[1:3], kernel_hw, strides, "VALID" if padding == "VALID" else "SAME")
+    if padding == "SAME_ONE":
+        ref = float_conv(jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=1.0), w, strides, "VALID")
+    else:
+        ref = float_conv(x, w, strides, pads)
+    corr = pk.pad_correction(w, shape[1:3], strides, pads) if padding == "SAME_ZERO" else None
+    out = jax.jit(lambda xw, kw: pk.binary_conv2d(xw, kw, k, kernel_hw, strides, pads, corr))(
+        pk.pack_bits(x), pk.pack_kernel(w))
+    np.testing.assert_array_equal(out, np.asarray(ref).astype(np.int32))
+
+
+def test_backend_choice_is_made_once():
+    assert pk.backend_kernel("cpu") == "popcount" and pk.backend_kernel("gpu") == "int8"
+    with pytest.raises(ValueError, match="kernel must be"):
+        pk.xnor_matmul(pk.pack_bits(np.ones((2, 3))), pk.pack_bits(np.ones((2, 3))), 3, kernel="magic")
