@@ -22,7 +22,7 @@ from bnnjax import quantizers
 
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
-    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "conv_nd", "max_pool",
+    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "conv_nd", "max_pool", "MaxPool", "Flatten",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -197,6 +197,30 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
     x = x[(slice(None),) + tuple(slice(0, o * w) for o, w in zip(out, window_shape))]
     shape = (x.shape[0],) + tuple(v for o, w in zip(out, window_shape) for v in (o, w)) + x.shape[1 + n:]
     return x.reshape(shape).max(axis=tuple(2 + 2 * i for i in range(n)))
+
+
+class MaxPool(nn.Module):
+    """Max pooling as a module (Keras' ``MaxPooling2D``), so exporters and summaries see it.
+
+    Same arguments as ``flax.linen.max_pool``; non-overlapping VALID windows take the fast path of
+    :func:`max_pool`.
+    """
+
+    window_shape: Sequence[int]
+    strides: Sequence[int] | None = None
+    padding: str = "VALID"
+
+    @nn.compact
+    def __call__(self, x):
+        return max_pool(x, self.window_shape, self.strides, self.padding)
+
+
+class Flatten(nn.Module):
+    """Flatten every axis but the batch axis (Keras' ``Flatten``), as a module exporters can see."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x.reshape((x.shape[0], -1))
 
 
 _DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}

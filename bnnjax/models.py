@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bnnjax.layers import QuantConv, QuantDense, max_pool
+from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
 
 __all__ = ["LarqTutorialCNN", "keras_batch_norm"]
 
@@ -36,15 +36,14 @@ class LarqTutorialCNN(nn.Module):
     def __call__(self, x, train: bool = False):
         binary = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False,
                       kernel_init=self.kernel_init)
-        pool = lambda y: max_pool(y, (2, 2))
         x = QuantConv(32, (3, 3), padding="VALID", kernel_quantizer="ste_sign", use_bias=False,
                       kernel_init=self.kernel_init)(x)
-        x = keras_batch_norm(train, use_scale=False)(pool(x))
+        x = keras_batch_norm(train, use_scale=False)(MaxPool((2, 2))(x))
         x = QuantConv(64, (3, 3), padding="VALID", **binary)(x)
-        x = keras_batch_norm(train, use_scale=False)(pool(x))
+        x = keras_batch_norm(train, use_scale=False)(MaxPool((2, 2))(x))
         x = QuantConv(64, (3, 3), padding="VALID", **binary)(x)
         x = keras_batch_norm(train, use_scale=False)(x)
-        x = x.reshape((x.shape[0], -1))
+        x = Flatten()(x)
         x = QuantDense(64, **binary)(x)
         x = keras_batch_norm(train, use_scale=False)(x)
         x = QuantDense(self.num_classes, **binary)(x)

@@ -125,8 +125,22 @@ def _unfused(fn, probe, out_shape, out_dtype):
     return lax.cond(always, fn, lambda: jnp.zeros(out_shape, out_dtype))
 
 
+def _xnor_direct(a, b, k):
+    # small M (batch-1 inference): one fused loop over the (M, N) output, no blocking or padding
+    acc = None
+    for i in range(a.shape[1]):
+        t = lax.population_count(a[:, None, i] ^ b[None, :, i])
+        acc = t if acc is None else acc + t
+    return k - 2 * acc.astype(jnp.int32)
+
+
+_DIRECT_MAX_ROWS = 256
+
+
 def _xnor_popcount(a, b, k):
     m = a.shape[0]
+    if m <= _DIRECT_MAX_ROWS:
+        return _xnor_direct(a, b, k)
     ab = block_rows(a)
     y = _unfused(lambda: xnor_matmul_blocked(ab, b, k), b[0, 0], (ab.shape[0], b.shape[0], ROW_BLOCK), jnp.int32)
     return unblock_rows(y, m)

@@ -1,0 +1,474 @@
+"""Export a trained Flax BNN to a bit-packed inference model, and save/load it without pickle.
+
+``export(model, variables, example_input)`` records the model's layer calls in evaluation mode (a
+Keras-Sequential-like chain of ``QuantConv``/``QuantDense``/``nn.Conv``/``nn.Dense``/``BatchNorm``/
+``MaxPool``/``Flatten`` modules) and turns them into a small program of packed ops:
+
+* binary layers (±1 kernel, sign input quantizer) become bit-packed kernels (``packing`` layout, 32x
+  smaller) run by the XNOR-popcount kernel;
+* a BatchNorm whose output the next layer binarizes is folded into per-channel **integer thresholds**
+  on the binary layer's integer output (bits flow from packed layer to packed layer, like LCE's
+  bitpacked output); thresholds are found by evaluating the BatchNorm module itself on every possible
+  integer, so the packed model takes the same decisions as the float model;
+* a max-pool between a layer and that BatchNorm runs on the bits (AND per channel where BatchNorm's
+  slope is positive, OR where it is negative — max commutes with a monotone map);
+* other BatchNorms become a per-channel affine; full-precision first/last layers stay float.
+
+Each export is verified: the packed model is run on ``example_input`` and must give the float
+model's argmax (and logits within tolerance), else ``ExportError`` says where they part. This catches
+computation the exporter cannot see (a function call between modules, a residual add).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import serialization
+from flax.core import meta
+
+from bnnjax import layers as L
+from bnnjax import packing as pk
+from bnnjax import quantizers
+
+__all__ = ["export", "PackedModel", "save_packed", "load_packed", "ExportError", "FORMAT"]
+
+FORMAT = "bnnjax-packed"
+VERSION = 1
+_SIGN_QUANTIZERS = {"ste_sign", "approx_sign", "swish_sign", "stochastic_sign"}
+
+
+class ExportError(ValueError):
+    """The model cannot be packed (the message names the layer and why)."""
+
+
+def _record(model, variables, x):
+    calls = []
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__" and ctx.module.path:
+            calls.append((ctx.module, "/".join(ctx.module.path), args[0].shape, out.shape))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits = model.apply(variables, x, train=False)
+    # only the outermost bnnjax/flax layers: drop calls nested inside a recorded call's path
+    paths = [c[1] for c in calls]
+    top = [c for c in calls if not any(c[1].startswith(p + "/") for p in paths if p != c[1])]
+    return top, logits
+
+
+def _get(tree, path, default=None):
+    node = tree
+    for p in path.split("/"):
+        if default is not None and p not in node:
+            return default
+        node = node[p]
+    return node
+
+
+def _quant_name(q):
+    return quantizers.get(q).name if q is not None else None
+
+
+class _Builder:
+    def __init__(self, variables):
+        self.v = variables
+        self.ops: list[dict] = []
+        self.kind = "float"  # what the running value is: "float", "int" (popcount output) or "bits"
+        self.k = None  # contraction length of the last integer-producing layer
+        self.bits_shape = None
+
+    def emit(self, op, **fields):
+        self.ops.append({"op": op, **fields})
+
+    # -- layers --
+    def layer(self, mod, name, in_shape, out_shape):
+        params = _get(self.v["params"], name)
+        kernel = params["kernel"]
+        kq = _quant_name(getattr(mod, "kernel_quantizer", None))
+        iq = _quant_name(getattr(mod, "input_quantizer", None))
+        latent = np.asarray(meta.unbox(kernel), np.float32)
+        is_conv = isinstance(mod, (nn.Conv, L.QuantConv))
+        if is_conv and latent.ndim != 4:
+            raise ExportError(f"layer {name}: only 2-D convolutions are exported, got kernel shape {latent.shape}.")
+        if is_conv and (getattr(mod, "feature_group_count", 1) != 1 or _tuple2(mod.kernel_dilation) != (1, 1)
+                        or _tuple2(getattr(mod, "input_dilation", 1)) != (1, 1)):
+            raise ExportError(f"layer {name}: grouped or dilated convolutions are not exported.")
+        bias = np.asarray(params["bias"], np.float32) if "bias" in params else None
+        binary_kernel = kq in _SIGN_QUANTIZERS
+        if iq is not None and iq not in _SIGN_QUANTIZERS:
+            raise ExportError(f"layer {name}: input quantizer {iq!r} is not a ±1 sign; only sign-binarized "
+                              "inputs can be packed. Use ste_sign/approx_sign or leave the input real.")
+        if kq is not None and not binary_kernel:
+            raise ExportError(f"layer {name}: kernel quantizer {kq!r} is not a plain ±1 sign (scaled or "
+                              "multi-bit kernels are not packed).")
+        if iq is not None and binary_kernel:
+            self._to_bits(name)
+            w = np.where(latent >= 0, 1.0, -1.0).astype(np.float32)
+            if is_conv:
+                strides = _tuple2(mod.strides)
+                pads = tuple(pk._pads(mod.padding, in_shape[1:3], w.shape[:2], strides))
+                pad_value = float(getattr(mod, "pad_values", 0.0))
+                corr = None
+                if pad_value == 0.0 and any(p != (0, 0) for p in pads):
+                    corr = pk.pad_correction(w, in_shape[1:3], strides, pads)
+                elif pad_value not in (0.0, 1.0):
+                    raise ExportError(f"layer {name}: pad_values={pad_value} cannot be packed (use 0.0 or 1.0).")
+                self.emit("bconv", kernel=np.asarray(pk.pack_kernel(w)), k=int(np.prod(w.shape[:3])),
+                          kernel_hw=list(w.shape[:2]), strides=list(strides), pads=[list(p) for p in pads],
+                          correction=corr)
+            else:
+                if len(self.bits_shape) != 2:
+                    raise ExportError(f"layer {name}: a dense layer needs flat input; add bnnjax.layers.Flatten().")
+                kernel_words = _pack_dense_kernel(w, self.flat_layout)
+                self.emit("bdense", kernel=kernel_words, k=int(w.shape[0]))
+            self.kind, self.k = "int", int(np.prod(w.shape[:-1]))
+            if bias is not None:
+                self.emit("affine", mean=np.zeros_like(bias), mul=np.ones_like(bias), add=bias)
+                self.kind = "float"
+            return
+        # full-precision input (first layer) or full-precision kernel: a float layer
+        self._to_float(name)
+        w = np.where(latent >= 0, 1.0, -1.0).astype(np.float32) if binary_kernel else latent
+        if is_conv:
+            strides = _tuple2(mod.strides)
+            pads = [list(p) for p in pk._pads(mod.padding, in_shape[1:3], w.shape[:2], strides)]
+            fields = dict(strides=list(strides), pads=pads, pad_values=float(getattr(mod, "pad_values", 0.0)),
+                          shape=list(w.shape))
+            if binary_kernel:
+                self.emit("fconv", kernel_bits=np.asarray(pk.pack_bits(w.reshape(-1, w.shape[-1]), axis=0)), **fields)
+            else:
+                self.emit("fconv", kernel=w, **fields)
+        else:
+            if binary_kernel:
+                self.emit("fdense", kernel_bits=np.asarray(pk.pack_bits(w, axis=0)), shape=list(w.shape))
+            else:
+                self.emit("fdense", kernel=w, shape=list(w.shape))
+        if bias is not None:
+            self.emit("affine", mean=np.zeros_like(bias), mul=np.ones_like(bias), add=bias)
+        self.kind = "float"
+
+    def batch_norm(self, mod, name):
+        if not isinstance(mod, nn.BatchNorm) or mod.axis not in (-1,):
+            raise ExportError(f"layer {name}: only BatchNorm over the last axis is exported.")
+        stats = _get(self.v.get("batch_stats", {}), name)
+        params = _get(self.v["params"], name, {})
+        c = np.asarray(stats["mean"]).shape[-1]
+        self.emit("bn", mean=np.asarray(stats["mean"], np.float32), var=np.asarray(stats["var"], np.float32),
+                  scale=np.asarray(params.get("scale", np.ones(c)), np.float32),
+                  bias=np.asarray(params.get("bias", np.zeros(c)), np.float32), eps=float(mod.epsilon),
+                  module=mod, name=name, k=self.k)
+
+    def _to_bits(self, name):
+        """Make the running value bits: fold the trailing [pool] [bn] ops into thresholds where possible."""
+        if self.kind == "bits":
+            return
+        flatten = bool(self.ops) and self.ops[-1]["op"] == "flatten"
+        if flatten:  # thresholds act per channel, so they commute with flattening the packed words
+            self.ops.pop()
+        tail = []
+        while self.ops and self.ops[-1]["op"] in ("bn", "maxpool", "affine") and len(tail) < 2:
+            tail.insert(0, self.ops.pop())
+        kinds = [t["op"] for t in tail]
+        norms = [t for t in tail if t["op"] in ("bn", "affine")]
+        pools = [t for t in tail if t["op"] == "maxpool"]
+        if len(norms) == 1 and len(pools) <= 1:
+            norm = norms[0]
+            self.emit("threshold", **_thresholds(norm, self.kind == "int"))
+            self.emit("pack")
+            if pools:
+                # pool -> norm -> sign: max commutes with each channel's monotone map (AND where it
+                # increases, OR where it decreases); norm -> pool -> sign: a plain max of signs (AND)
+                pool_first = kinds.index("maxpool") < kinds.index(norm["op"])
+                mask = _and_mask(norm) if pool_first else np.ones(norm["mean"].shape, bool)
+                self.emit("maxpool_bits", window=pools[0]["window"], strides=pools[0]["strides"], and_mask=mask)
+        else:
+            self.ops.extend(tail)
+            self._finalize_float()
+            self.emit("sign")
+            self.emit("pack")
+        if flatten:
+            self.emit("flatten")
+        self.kind = "bits"
+
+    def _to_float(self, name):
+        if self.kind == "bits":
+            raise ExportError(f"layer {name}: expects real input but the previous layer's output was binarized.")
+        self._finalize_float()
+
+    def _finalize_float(self):
+        for i, op in enumerate(self.ops):
+            if op["op"] == "bn":
+                self.ops[i] = _bn_affine(op)
+        self.kind = "float"
+
+
+def _tuple2(v):
+    return (v, v) if isinstance(v, int) else tuple(v) if v is not None else (1, 1)
+
+
+def _bn_affine(bn):
+    # the same float32 operations as flax's _normalize: mul = rsqrt(var + eps) * scale
+    mul = jax.lax.rsqrt(jnp.asarray(bn["var"]) + jnp.float32(bn["eps"])) * jnp.asarray(bn["scale"])
+    return {"op": "affine", "mean": bn["mean"], "mul": np.asarray(mul, np.float32), "add": bn["bias"]}
+
+
+def _slope_sign(bn):
+    return np.sign(bn["scale"]) if bn["op"] == "bn" else np.sign(bn["mul"])
+
+
+def _and_mask(bn):
+    # max over a window commutes with an increasing map (-1 only if every bit is -1: AND of the
+    # "is -1" bits) and becomes a min under a decreasing one (OR); constant channels pool trivially
+    return (_slope_sign(bn) >= 0)
+
+
+def _apply_norm(bn, y):
+    """Evaluate the BatchNorm exactly as the float model does (the module itself, eval mode)."""
+    if bn["op"] == "affine":
+        return (y - bn["mean"]) * bn["mul"] + bn["add"]
+    mod = bn["module"]
+    variables = {"batch_stats": {"mean": bn["mean"], "var": bn["var"]}, "params": {}}
+    if mod.use_scale:
+        variables["params"]["scale"] = bn["scale"]
+    if mod.use_bias:
+        variables["params"]["bias"] = bn["bias"]
+    return np.asarray(mod.clone(parent=None, use_running_average=True).apply(variables, jnp.asarray(y)))
+
+
+def _thresholds(bn, integer_input: bool):
+    """Per-channel ``(s, T)`` with ``bit(-1) = s * y < T`` equal to ``norm(y) < 0``."""
+    slope = _slope_sign(bn)
+    c = slope.shape[0]
+    if not integer_input:
+        # real-valued input (first layer): keep the float arithmetic, compare after the affine
+        aff = bn if bn["op"] == "affine" else _bn_affine(bn)
+        return {"mode": "float", "mean": aff["mean"], "mul": aff["mul"], "add": aff["add"]}
+    k = int(bn["k"])
+    ys = np.arange(-k, k + 1, dtype=np.float32)
+    neg = _apply_norm(bn, np.broadcast_to(ys[:, None], (ys.size, c)).copy()) < 0  # (2k+1, C)
+    s = np.where(slope >= 0, 1, -1).astype(np.int32)
+    t = np.empty(c, np.int64)
+    for ch in range(c):
+        col = neg[:, ch]
+        if s[ch] > 0:  # -1 for y below the first non-negative output
+            nonneg = np.nonzero(~col)[0]
+            t[ch] = ys[nonneg[0]] if nonneg.size else k + 1
+        else:  # -1 for y above the last non-negative output: -y < -t
+            nonneg = np.nonzero(~col)[0]
+            t[ch] = -ys[nonneg[-1]] if nonneg.size else k + 1
+        check = (s[ch] * ys < t[ch])
+        if not np.array_equal(check, col):
+            raise ExportError(f"BatchNorm {bn.get('name', '')}: channel {ch} is not monotone in its input; "
+                              "cannot fold it into a threshold.")
+    return {"mode": "int", "s": s, "t": t.astype(np.int32)}
+
+
+def _pack_dense_kernel(w, layout):
+    """Pack a dense kernel ``(K, O)`` to match flattened packed input words ``layout = (H, W, C)``."""
+    h, wd, c = layout
+    o = w.shape[-1]
+    if h * wd * c != w.shape[0]:
+        raise ExportError(f"dense kernel has {w.shape[0]} inputs but the flattened input has {h * wd * c}.")
+    return np.asarray(pk.pack_kernel(w.reshape(h, wd, c, o))) if (h, wd) != (1, 1) else np.asarray(pk.pack_kernel(w))
+
+
+def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
+    """Build a :class:`PackedModel` from a trained model and verify it on ``example_input``.
+
+    Args:
+      model: the Flax module; its ``__call__(x, train=False)`` must be a chain of supported layers.
+      variables: ``{"params": ..., "batch_stats": ...}`` of the trained model.
+      example_input: a batch (e.g. a few test images) to trace shapes and verify the export.
+
+    Raises:
+      ExportError: an unsupported layer or quantizer (names the layer), or packed predictions that
+        differ from the model's on ``example_input``.
+    """
+    x = jnp.asarray(example_input)
+    calls, logits = _record(model, variables, x)
+    b = _Builder(variables)
+    flattened = None  # (H, W, C) of the last Flatten, for the dense layer right after it
+    for mod, name, in_shape, out_shape in calls:
+        if isinstance(mod, (L.QuantConv, L.QuantDense, nn.Conv, nn.Dense)):
+            b.flat_layout = flattened or (1, 1, in_shape[-1])
+            flattened = None
+            b.bits_shape = in_shape
+            b.layer(mod, name, in_shape, out_shape)
+        elif isinstance(mod, nn.BatchNorm):
+            b.batch_norm(mod, name)
+        elif isinstance(mod, L.MaxPool):
+            ws = tuple(mod.window_shape)
+            st = tuple(mod.strides) if mod.strides is not None else ws
+            if mod.padding != "VALID":
+                raise ExportError(f"layer {name}: only VALID max-pooling is exported.")
+            b.emit("maxpool", window=list(ws), strides=list(st))
+        elif isinstance(mod, L.Flatten):
+            flattened = tuple(in_shape[1:]) if len(in_shape) == 4 else (1, 1, int(np.prod(in_shape[1:])))
+            b.emit("flatten")
+        else:
+            raise ExportError(f"layer {name} ({type(mod).__name__}) cannot be exported; supported: QuantConv, "
+                              "QuantDense, nn.Conv, nn.Dense, BatchNorm, MaxPool, Flatten.")
+    b._finalize_float()
+    packed = PackedModel(_clean(b.ops), tuple(x.shape[1:]))
+    got = np.asarray(packed(x))
+    want = np.asarray(logits)
+    if got.shape != want.shape or not np.array_equal(got.argmax(-1), want.argmax(-1)):
+        raise ExportError("the packed model's predictions differ from the model's on example_input: the model "
+                          "computes something between its layers that the exporter cannot see (a function call, "
+                          "a residual add); express it with supported layer modules.")
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
+        raise ExportError(f"packed logits differ from the model's by up to {np.abs(got - want).max():.3g}.")
+    return packed
+
+
+def _clean(ops):
+    out = []
+    for op in ops:
+        op = {k: v for k, v in op.items() if k not in ("module", "name") and v is not None}
+        if op["op"] == "bn":
+            op = _bn_affine(op)
+        out.append(op)
+    return out
+
+
+# --- the packed model -----------------------------------------------------------------------------
+
+def _run(ops, x):
+    """Run the packed program. ``x`` is float; values move between float, int32 and packed bits."""
+    v = x
+    for op in ops:
+        kind = op["op"]
+        if kind == "fconv":
+            w = op["kernel"] if "kernel" in op else pk.unpack_bits(op["kernel_bits"], int(np.prod(op["shape"][:3]))).T
+            w = w.reshape(op["shape"])
+            v = L.conv_nd(v, w, strides=tuple(op["strides"]), padding=[tuple(p) for p in op["pads"]],
+                          pad_values=op["pad_values"])
+        elif kind == "fdense":
+            w = op["kernel"] if "kernel" in op else pk.unpack_bits(op["kernel_bits"], op["shape"][0]).T
+            v = jnp.dot(v.astype(jnp.float32), w)
+        elif kind == "bconv":
+            v = pk.binary_conv2d(v, op["kernel"], int(op["k"]), tuple(op["kernel_hw"]), tuple(op["strides"]),
+                                 [tuple(p) for p in op["pads"]], op.get("correction"))
+        elif kind == "bdense":
+            v = pk.xnor_matmul(v, op["kernel"], int(op["k"]))
+        elif kind == "affine":
+            v = (v.astype(jnp.float32) - op["mean"]) * op["mul"] + op["add"]
+        elif kind == "threshold":
+            if op["mode"] == "int":
+                v = op["s"] * v < op["t"]
+            else:
+                v = ((v - op["mean"]) * op["mul"] + op["add"]) < 0
+        elif kind == "sign":
+            v = v < 0
+        elif kind == "pack":
+            v = pk.pack_bits(v, axis=-1)
+        elif kind == "maxpool":
+            v = L.max_pool(v, tuple(op["window"]), tuple(op["strides"]))
+        elif kind == "maxpool_bits":
+            v = _maxpool_words(v, tuple(op["window"]), tuple(op["strides"]), op["and_mask"])
+        elif kind == "flatten":
+            v = v.reshape((v.shape[0], -1))
+        else:
+            raise ValueError(f"unknown op {kind!r} in packed model.")
+    return v
+
+
+def _maxpool_words(words, window, strides, and_mask):
+    mask = pk.pack_bits(jnp.asarray(and_mask, bool))  # set bit where the channel pools with AND
+    n, h, w, c = words.shape
+    wh, ww = window
+    sh, sw = strides
+    ho, wo = (h - wh) // sh + 1, (w - ww) // sw + 1
+    taps = [words[:, i: i + (ho - 1) * sh + 1: sh, j: j + (wo - 1) * sw + 1: sw] for i in range(wh) for j in range(ww)]
+    all_and, any_or = taps[0], taps[0]
+    for t in taps[1:]:
+        all_and, any_or = all_and & t, any_or | t
+    return (all_and & mask) | (any_or & ~mask)
+
+
+class PackedModel:
+    """A bit-packed inference model: a list of ops with numpy arrays, run by one jitted function.
+
+    Call it on a float batch of the input shape it was exported with; it returns float logits.
+    """
+
+    def __init__(self, ops: list[dict], input_shape: tuple):
+        self.ops = ops
+        self.input_shape = tuple(input_shape)
+        self._fn = jax.jit(lambda arrays, x: _run(_merge(self._static, arrays), x))
+        self._static, self._arrays = _split(ops)
+
+    def __call__(self, x):
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"packed model expects inputs of shape (batch, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}.")
+        return self._fn(self._arrays, x)
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays the model stores."""
+        return sum(a.nbytes for op in self._arrays for a in op.values())
+
+
+def _split(ops):
+    static, arrays = [], []
+    for op in ops:
+        static.append({k: v for k, v in op.items() if not isinstance(v, np.ndarray)})
+        arrays.append({k: jnp.asarray(v) for k, v in op.items() if isinstance(v, np.ndarray)})
+    return static, arrays
+
+
+def _merge(static, arrays):
+    return [{**s, **a} for s, a in zip(static, arrays)]
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+def save_packed(path: str | os.PathLike, model: PackedModel) -> int:
+    """Write the packed model to one msgpack file (no pickle); returns its size in bytes."""
+    ops = []
+    for op in model.ops:
+        ops.append({k: (np.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in op.items()})
+    payload = serialization.msgpack_serialize({"format": FORMAT, "version": VERSION,
+                                               "input_shape": list(model.input_shape),
+                                               "ops": {str(i): op for i, op in enumerate(ops)}})
+    Path(path).write_bytes(payload)
+    return len(payload)
+
+
+def load_packed(path: str | os.PathLike) -> PackedModel:
+    """Read a file written by :func:`save_packed`; needs no training code.
+
+    Raises:
+      ValueError: not a bnnjax packed model, a newer format version, or a corrupt file (names the file).
+    """
+    path = Path(path)
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable packed model ({type(e).__name__}: {e}).") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a bnnjax packed model file.")
+    if int(raw.get("version", 0)) > VERSION:
+        raise ValueError(f"{path}: format version {raw['version']} is newer than this bnnjax ({VERSION}); upgrade.")
+    ops = [_restore_op(raw["ops"][str(i)]) for i in range(len(raw["ops"]))]
+    return PackedModel(ops, tuple(raw["input_shape"]))
+
+
+def _restore_op(op):
+    out = {}
+    for k, v in op.items():
+        if isinstance(v, dict):  # msgpack turns lists of lists into dicts of "0", "1", ...
+            v = [v[str(i)] for i in range(len(v))]
+        if k in ("pads",):
+            v = [list(p.values()) if isinstance(p, dict) else list(p) for p in v]
+        out[k] = v
+    return out
