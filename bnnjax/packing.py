@@ -134,12 +134,12 @@ def _xnor_direct(a, b, k):
     return k - 2 * acc.astype(jnp.int32)
 
 
-_DIRECT_MAX_ROWS = 256
+_DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional cost more than they save
 
 
 def _xnor_popcount(a, b, k):
     m = a.shape[0]
-    if m <= _DIRECT_MAX_ROWS:
+    if m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK:
         return _xnor_direct(a, b, k)
     ab = block_rows(a)
     y = _unfused(lambda: xnor_matmul_blocked(ab, b, k), b[0, 0], (ab.shape[0], b.shape[0], ROW_BLOCK), jnp.int32)

@@ -23,7 +23,8 @@ def test_bit_layout_is_lsb_first_and_set_means_minus_one():
 
 @pytest.mark.parametrize("kernel", ["popcount", "int8"])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 7, 31), (3, 5, 32), (9, 4, 33), (17, 3, 1000), (1, 64, 4096),
-                                   (130, 2, 65), (8, 8, 64), (257, 3, 33), (600, 5, 100), (1031, 17, 1000)])
+                                   (130, 2, 65), (8, 8, 64), (257, 3, 33), (600, 5, 100), (1031, 17, 1000),
+                                   (9, 300, 2000)])
 def test_xnor_matmul_is_exact(kernel, m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
     a, b = pm1(rng, (m, k)), pm1(rng, (n, k))
