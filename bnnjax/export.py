@@ -304,6 +304,8 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
             b.layer(mod, name, in_shape, out_shape)
         elif isinstance(mod, nn.BatchNorm):
             b.batch_norm(mod, name)
+        elif isinstance(mod, nn.Dropout):
+            continue  # the identity at inference
         elif isinstance(mod, L.MaxPool):
             ws = tuple(mod.window_shape)
             st = tuple(mod.strides) if mod.strides is not None else ws
@@ -315,7 +317,7 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
             b.emit("flatten")
         else:
             raise ExportError(f"layer {name} ({type(mod).__name__}) cannot be exported; supported: QuantConv, "
-                              "QuantDense, nn.Conv, nn.Dense, BatchNorm, MaxPool, Flatten.")
+                              "QuantDense, nn.Conv, nn.Dense, BatchNorm, MaxPool, Flatten, Dropout.")
     b._finalize_float()
     packed = PackedModel(_clean(b.ops), tuple(x.shape[1:]))
     got = np.asarray(packed(x))

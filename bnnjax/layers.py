@@ -62,8 +62,12 @@ def is_quantized(x) -> bool:
 
 
 def is_binary(x) -> bool:
-    """True for a latent kernel whose forward value is 1-bit."""
-    return isinstance(x, QuantParam) and x.precision == 1
+    """True for a latent kernel whose forward value is a 1-bit weight (what weight_clip and Bop act on).
+
+    ABC-Net kernels are real latent kernels approximated by M binary bases with solved scales; they
+    are not 1-bit weights even when M = 1, and their straight-through gradient is unclipped.
+    """
+    return isinstance(x, QuantParam) and x.precision == 1 and x.quantizer != "abc"
 
 
 def precision_of(x) -> int:

@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
 
-__all__ = ["LarqTutorialCNN", "keras_batch_norm"]
+__all__ = ["LarqTutorialCNN", "keras_batch_norm", "BiRealBlock", "BiRealNet"]
 
 
 def keras_batch_norm(train: bool, use_scale: bool = True, momentum: float = 0.99, epsilon: float = 1e-3,
@@ -48,3 +48,52 @@ class LarqTutorialCNN(nn.Module):
         x = keras_batch_norm(train, use_scale=False)(x)
         x = QuantDense(self.num_classes, **binary)(x)
         return keras_batch_norm(train, use_scale=False)(x)
+
+
+class BiRealBlock(nn.Module):
+    """One binary 3x3 conv with a real-valued shortcut around it (Bi-Real Net's building block).
+
+    ``y = BN(QuantConv(approx_sign(x), magnitude_aware_sign(W))) + shortcut(x)``; when the shape changes
+    the shortcut is average-pooling then a real 1x1 conv and BN (seed 002's advice for dimension changes).
+
+    Reference: Liu et al., "Bi-Real Net", ECCV 2018 (arXiv:1808.00278).
+    """
+
+    features: int
+    strides: int = 1
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.momentum)
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            if self.strides != 1:
+                shortcut = nn.avg_pool(shortcut, (self.strides, self.strides), (self.strides, self.strides))
+            shortcut = bn()(nn.Conv(self.features, (1, 1), use_bias=False)(shortcut))
+        y = QuantConv(self.features, (3, 3), strides=self.strides, padding="SAME", input_quantizer="approx_sign",
+                      kernel_quantizer="magnitude_aware_sign", use_bias=False,
+                      kernel_init=nn.initializers.glorot_normal())(x)
+        return bn()(y) + shortcut
+
+
+class BiRealNet(nn.Module):
+    """Bi-Real-style ResNet: real stem and classifier, a shortcut around every binary conv.
+
+    ``stage_sizes=(4, 4, 4, 4)`` and ``width=64`` give Bi-Real Net 18's 16 binary convolutions (for
+    32x32 inputs the stem is a 3x3 conv without pooling).
+    """
+
+    stage_sizes: Sequence[int] = (4, 4, 4, 4)
+    width: int = 64
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        for i, n in enumerate(self.stage_sizes):
+            for j in range(n):
+                x = BiRealBlock(self.width * 2 ** i, strides=2 if (i > 0 and j == 0) else 1)(x, train)
+        x = jnp.mean(nn.relu(x), axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)

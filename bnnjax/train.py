@@ -72,7 +72,7 @@ def _loss(loss):
 
 
 def create_train_state(model, tx: optax.GradientTransformation, example_input, seed: int = 0,
-                       params=None) -> TrainState:
+                       params=None, batch_stats=None) -> TrainState:
     """Initialize the model (``model.init(..., train=False)``) and optimizer.
 
     Args:
@@ -81,6 +81,7 @@ def create_train_state(model, tx: optax.GradientTransformation, example_input, s
       example_input: one batch (or a ``ShapeDtypeStruct``) that fixes the input shape.
       seed: PRNG seed for initialization and the training key.
       params: initial parameters to use instead of the model's initializers (e.g. converted ones).
+      batch_stats: initial BatchNorm statistics to use likewise.
 
     Warns (once): binary kernels with neither ``weight_clip`` nor ``bop`` in ``tx``.
     """
@@ -89,7 +90,7 @@ def create_train_state(model, tx: optax.GradientTransformation, example_input, s
                            jnp.zeros(example_input.shape, example_input.dtype), train=False)
     params = variables["params"] if params is None else params
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              batch_stats=variables.get("batch_stats", {}),
+                              batch_stats=variables.get("batch_stats", {}) if batch_stats is None else batch_stats,
                               rng=jax.random.key_data(train_key))  # raw uint32: serializable
     optim.warn_if_unclipped(state.params, state.opt_state)
     return state

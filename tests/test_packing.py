@@ -33,7 +33,7 @@ def test_xnor_matmul_is_exact(kernel, m, n, k):
     np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 40), st.integers(1, 300), st.integers(0, 2 ** 31))
 def test_xnor_matmul_property(m, n, k, seed):
     rng = np.random.default_rng(seed)

@@ -1,0 +1,67 @@
+"""Seed 003: a BinaryConnect MLP — float baseline with dropout vs deterministic / stochastic binary weights.
+
+Binary modes keep latent fp32 weights, binarize them in the forward pass (sign, or +1 with probability
+hard_sigmoid(w)), clip them to [-1, 1] and leave activations real (BinaryConnect). Adam at a constant
+lr 0.001, batch 256, no augmentation. The seed reports 96.87 % (float) vs 93.72 % (binary) on MNIST
+after 200 epochs.
+
+    python experiments/binaryconnect_mlp.py --dataset fashion_mnist --mode deterministic --epochs 20
+"""
+import dataclasses
+
+import optax
+from flax import linen as nn
+
+import bnnjax
+from bnnjax import experiment
+from bnnjax.layers import QuantDense
+
+KERNEL = {"float": None, "deterministic": "ste_sign", "stochastic": "stochastic_sign"}
+
+
+class BinaryConnectMLP(nn.Module):
+    hidden: tuple[int, ...] = (1024, 1024, 1024)
+    mode: str = "deterministic"
+    dropout: float = 0.0
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.mode not in KERNEL:
+            raise ValueError(f"mode must be one of {sorted(KERNEL)}, got {self.mode!r}.")
+        for width in self.hidden:
+            x = QuantDense(width, kernel_quantizer=KERNEL[self.mode], use_bias=False)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = QuantDense(self.num_classes, kernel_quantizer=KERNEL[self.mode], use_bias=False)(x)
+        return nn.BatchNorm(use_running_average=not train)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    mode: str = "deterministic"  # float | deterministic | stochastic
+    hidden: tuple[int, ...] = (1024, 1024, 1024)
+    dropout: float = 0.2  # used by the float baseline only, as in the seed
+    epochs: int = 200
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    seed: int = 0
+    progress: bool = True
+    train_examples: int | None = None
+    test_examples: int | None = None
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+    dropout = config.dropout if config.mode == "float" else 0.0
+    model = BinaryConnectMLP(config.hidden, config.mode, dropout)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
+    if config.mode != "float":
+        tx = optax.chain(tx, bnnjax.weight_clip(1.0))
+    return experiment.run("binaryconnect_mlp", model, tx, config, workdir, scale="[0, 1]", flatten=True,
+                          extra={"mode": config.mode, "hidden": list(config.hidden)})
+
+
+if __name__ == "__main__":
+    experiment.cli(Config, train_and_evaluate, description=__doc__.splitlines()[0])

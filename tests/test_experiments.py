@@ -1,0 +1,129 @@
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnnjax import experiment, optim
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+
+
+def script(name):
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Tiny learnable stand-ins for MNIST and CIFAR-10 in Keras' npz layout."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, shape in (("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))):
+        y = rng.integers(0, 10, 160)
+        x = rng.integers(0, 60, (160,) + shape)
+        x[np.arange(160), :, y * 2 % shape[1]] += 180  # a class-dependent bright column
+        x = x.clip(0, 255).astype(np.uint8)
+        np.savez(d / f"{name}.npz", x_train=x[:128], y_train=y[:128], x_test=x[128:], y_test=y[128:])
+    return str(d)
+
+
+def check(result, workdir, epochs, experiment_name):
+    assert {"experiment", "dataset", "epochs", "test_accuracy", "seconds"} <= set(result)
+    assert result["experiment"] == experiment_name and result["epochs"] == epochs
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    log = [json.loads(line) for line in (Path(workdir) / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
+    assert (Path(workdir) / "checkpoint.msgpack").exists()
+    assert json.loads((Path(workdir) / "result.json").read_text()) == result
+
+
+def test_larq_tutorial_with_export(data_dir, tmp_path):
+    m = script("larq_tutorial")
+    cfg = m.Config(data_dir=data_dir, epochs=2, export=True, progress=False)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    check(r, tmp_path, 2, "larq_tutorial")
+    assert r["predictions_identical"] is True and r["packed_file_bytes"] <= 16 * 1024
+    assert (tmp_path / "model.bnn").exists()
+
+
+def test_larq_report_warns_that_it_trains_unclipped(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(optim, "_warned_unclipped", False)
+    m = script("larq_report")
+    with pytest.warns(UserWarning, match="weight clipping"):
+        r = m.train_and_evaluate(m.Config(data_dir=data_dir, epochs=1, progress=False), str(tmp_path))
+    check(r, tmp_path, 1, "larq_report")
+    assert r["input_scale"] == "[0, 1]"
+
+
+@pytest.mark.parametrize("mode", ["float", "deterministic", "stochastic"])
+def test_binaryconnect_modes(data_dir, tmp_path, mode):
+    m = script("binaryconnect_mlp")
+    cfg = m.Config(data_dir=data_dir, mode=mode, hidden=(32, 32), epochs=1, batch_size=32, progress=False)
+    check(m.train_and_evaluate(cfg, str(tmp_path)), tmp_path, 1, "binaryconnect_mlp")
+
+
+def test_binarynet_mlp_squared_hinge_and_export(data_dir, tmp_path):
+    m = script("binarynet_mlp")
+    cfg = m.Config(data_dir=data_dir, hidden=(64, 64), epochs=2, export=True, progress=False)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    check(r, tmp_path, 2, "binarynet_mlp")
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[1]["learning_rate"] < log[0]["learning_rate"]  # exponential decay per epoch
+    assert r["predictions_identical"] is True
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_xnornet(data_dir, tmp_path, dataset):
+    m = script("xnornet")
+    cfg = m.Config(dataset=dataset, data_dir=data_dir, widths=(8, 16), dense=16, epochs=1, progress=False)
+    check(m.train_and_evaluate(cfg, str(tmp_path)), tmp_path, 1, "xnornet")
+
+
+def test_abcnet_convert_finetune_sweep_and_scratch(data_dir, tmp_path, capsys):
+    m = script("abcnet")
+    cfg = m.Config(data_dir=data_dir, float_epochs=1, epochs=1, sweep=True, sweep_bases=(1, 3), batch_size=32,
+                   progress=False, train_examples=64, test_examples=32)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    assert {(s["num_weight_bases"], s["num_act_bases"]) for s in r["sweep"]} == {(1, 1), (1, 3), (3, 1), (3, 3)}
+    assert "| M=3 |" in capsys.readouterr().out
+    check(json.loads((tmp_path / "M3_N3" / "result.json").read_text()), tmp_path / "M3_N3", 1, "abcnet_finetune")
+    scratch = m.train_and_evaluate(dataclasses.replace(cfg, from_scratch=True, sweep=False), str(tmp_path))
+    check(scratch, tmp_path / "scratch", 1, "abcnet_scratch")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "bop"])
+def test_birealnet(data_dir, tmp_path, optimizer):
+    m = script("birealnet")
+    cfg = m.Config(data_dir=data_dir, stage_sizes=(1, 1), width=8, optimizer=optimizer, epochs=1, batch_size=32,
+                   progress=False, bop_gamma=1e-2)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    check(r, tmp_path, 1, "birealnet")
+    if optimizer == "bop":
+        log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+        assert log["flip_ratio"] > 0
+
+
+def test_cli_parses_config_flags(tmp_path):
+    m = script("binaryconnect_mlp")
+    seen = {}
+    experiment.cli(m.Config, lambda cfg, wd: seen.update(cfg=cfg, wd=wd),
+                   argv=["--hidden", "16,8", "--mode", "stochastic", "--no-progress", "--epochs", "3",
+                         "--workdir", str(tmp_path)])
+    assert seen["cfg"].hidden == (16, 8) and seen["cfg"].mode == "stochastic" and seen["cfg"].progress is False
+    assert seen["cfg"].epochs == 3 and seen["wd"] == str(tmp_path)
+
+
+def test_plot_renders_png(tmp_path):
+    plot = script("plot")
+    log = tmp_path / "a" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.5 + e / 10,
+                                       "test_loss": 1.2 / e, "test_accuracy": 0.4 + e / 10}) + "\n" for e in (1, 2, 3)))
+    out = plot.plot([log], tmp_path / "c.png")
+    assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        plot.plot([tmp_path / "empty.jsonl"], tmp_path / "d.png")
