@@ -9,6 +9,7 @@ parameter name.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence, Union
 
 import jax
@@ -187,20 +188,58 @@ def _patches_conv(x, kernel, strides, pads, dilation, precision):
 def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID"):
     """Max pooling, ``flax.linen.max_pool``'s signature, with a fast path for VALID, window == stride.
 
-    Non-overlapping windows become a reshape and a max over the window axes, whose gradient is a cheap
-    compare-and-select; XLA's generic ``reduce_window`` gradient (select-and-scatter) is several times
-    slower on CPU. Other cases call ``nn.max_pool``.
+    Non-overlapping windows become a reshape and a max over the window axes. The gradient goes to the
+    first maximal element of each window (row-major), as XLA's select-and-scatter (``nn.max_pool``)
+    and TensorFlow route it — ties are common on the integer outputs of binary layers — but costs a
+    compare-and-select instead of select-and-scatter, which is several times slower on CPU. Other
+    cases call ``nn.max_pool``.
     """
     strides = tuple(window_shape) if strides is None else tuple(strides)
     window_shape = tuple(window_shape)
     if padding != "VALID" or strides != window_shape:
         return nn.max_pool(x, window_shape, strides, padding)
-    n = len(window_shape)
-    spatial = x.shape[1:1 + n]
-    out = [s // w for s, w in zip(spatial, window_shape)]
-    x = x[(slice(None),) + tuple(slice(0, o * w) for o, w in zip(out, window_shape))]
-    shape = (x.shape[0],) + tuple(v for o, w in zip(out, window_shape) for v in (o, w)) + x.shape[1 + n:]
-    return x.reshape(shape).max(axis=tuple(2 + 2 * i for i in range(n)))
+    return _window_max(x, window_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _window_max(x, window):
+    return _window_max_fwd(x, window)[0]
+
+
+def _windows(x, window):
+    """Crop to whole windows and split each pooled axis into (out, window)."""
+    n = len(window)
+    out = [s // w for s, w in zip(x.shape[1:1 + n], window)]
+    x = x[(slice(None),) + tuple(slice(0, o * w) for o, w in zip(out, window))]
+    shape = (x.shape[0],) + tuple(v for o, w in zip(out, window) for v in (o, w)) + x.shape[1 + n:]
+    return x.reshape(shape), tuple(2 + 2 * i for i in range(n))
+
+
+def _window_max_fwd(x, window):
+    xr, axes = _windows(x, window)
+    return xr.max(axis=axes), (x, xr.max(axis=axes, keepdims=True))
+
+
+def _window_max_bwd(window, res, g):
+    x, y = res
+    xr, axes = _windows(x, window)
+    hit = xr == y
+    # keep only the first hit of each window in row-major order: move the window axes last, flatten
+    rest = [a for a in range(xr.ndim) if a not in axes]
+    perm = rest + list(axes)
+    flat = jnp.transpose(hit, perm)
+    flat = flat.reshape(flat.shape[:len(rest)] + (-1,))
+    first = flat & (jnp.cumsum(flat, axis=-1) == 1)
+    gflat = jnp.where(first, jnp.expand_dims(g, -1), jnp.zeros((), g.dtype))
+    gr = jnp.transpose(gflat.reshape(tuple(xr.shape[a] for a in perm)), np.argsort(perm))
+    n = len(window)
+    gx = gr.reshape((x.shape[0],) + tuple(o * w for o, w in zip(g.shape[1:1 + n], window)) + x.shape[1 + n:])
+    # windows cropped away at odd sizes get no gradient
+    pads = [(0, 0)] + [(0, s - d) for s, d in zip(x.shape[1:1 + n], gx.shape[1:1 + n])] + [(0, 0)] * (x.ndim - 1 - n)
+    return (jnp.pad(gx, pads),)
+
+
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 class MaxPool(nn.Module):
