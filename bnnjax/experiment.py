@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 import types
 import typing
@@ -21,7 +22,26 @@ import numpy as np
 
 from bnnjax import datasets, export, summary, train
 
-__all__ = ["cli", "run", "load_data", "steps_per_epoch"]
+__all__ = ["Config", "cli", "run", "load_data", "steps_per_epoch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Fields every experiment has; a script subclasses it, re-declaring defaults and adding its own.
+
+    ``train_examples``/``test_examples`` slice the data (tests and quick looks); ``export`` packs the
+    trained model and evaluates it packed.
+    """
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    epochs: int = 1
+    batch_size: int = 64
+    seed: int = 0
+    export: bool = False
+    progress: bool = True
+    train_examples: int | None = None
+    test_examples: int | None = None
 
 
 def _flag_type(field, hints):
@@ -51,7 +71,8 @@ def cli(config_cls, train_and_evaluate: Callable, argv=None, description: str | 
         else:
             p.add_argument(name, type=_flag_type(f, hints), default=f.default)
     args = vars(p.parse_args(argv))
-    workdir = args.pop("workdir") or f"runs/{config_cls.__module__.split('.')[-1]}"
+    script = getattr(sys.modules.get(config_cls.__module__), "__file__", None) or config_cls.__module__
+    workdir = args.pop("workdir") or f"runs/{Path(script).stem}"
     return train_and_evaluate(config_cls(**args), workdir)
 
 

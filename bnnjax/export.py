@@ -41,6 +41,8 @@ __all__ = ["export", "PackedModel", "save_packed", "load_packed", "ExportError",
 FORMAT = "bnnjax-packed"
 VERSION = 1
 _SIGN_QUANTIZERS = {"ste_sign", "approx_sign", "swish_sign", "stochastic_sign"}
+# kernels that are a per-output-channel scale times a sign: packed as signs, the scale kept as a float
+_SCALED_SIGN_QUANTIZERS = {"xnor_weight_scale", "magnitude_aware_sign"}
 
 
 class ExportError(ValueError):
@@ -83,6 +85,7 @@ class _Builder:
         self.ops: list[dict] = []
         self.kind = "float"  # what the running value is: "float", "int" (popcount output) or "bits"
         self.k = None  # contraction length of the last integer-producing layer
+        self.packed_after_flatten = False  # bits packed along the flattened axis, not per position
         self.bits_shape = None
 
     def emit(self, op, **fields):
@@ -102,13 +105,15 @@ class _Builder:
                         or _tuple2(getattr(mod, "input_dilation", 1)) != (1, 1)):
             raise ExportError(f"layer {name}: grouped or dilated convolutions are not exported.")
         bias = np.asarray(params["bias"], np.float32) if "bias" in params else None
-        binary_kernel = kq in _SIGN_QUANTIZERS
+        binary_kernel = kq in _SIGN_QUANTIZERS or kq in _SCALED_SIGN_QUANTIZERS
+        scale = (np.asarray(quantizers.get(mod.kernel_quantizer)(jnp.asarray(latent)))[..., :1, :].reshape(-1, latent.shape[-1])[0]
+                 if kq in _SCALED_SIGN_QUANTIZERS else None)  # |q(W)| per output channel
         if iq is not None and iq not in _SIGN_QUANTIZERS:
             raise ExportError(f"layer {name}: input quantizer {iq!r} is not a ±1 sign; only sign-binarized "
                               "inputs can be packed. Use ste_sign/approx_sign or leave the input real.")
         if kq is not None and not binary_kernel:
-            raise ExportError(f"layer {name}: kernel quantizer {kq!r} is not a plain ±1 sign (scaled or "
-                              "multi-bit kernels are not packed).")
+            raise ExportError(f"layer {name}: kernel quantizer {kq!r} is not a (scaled) ±1 sign; multi-bit "
+                              "kernels are not packed.")
         if iq is not None and binary_kernel:
             self._to_bits(name)
             w = np.where(latent >= 0, 1.0, -1.0).astype(np.float32)
@@ -127,16 +132,21 @@ class _Builder:
             else:
                 if len(self.bits_shape) != 2:
                     raise ExportError(f"layer {name}: a dense layer needs flat input; add bnnjax.layers.Flatten().")
-                kernel_words = _pack_dense_kernel(w, self.flat_layout)
+                layout = (1, 1, w.shape[0]) if self.packed_after_flatten else self.flat_layout
+                kernel_words = _pack_dense_kernel(w, layout)
                 self.emit("bdense", kernel=kernel_words, k=int(w.shape[0]))
             self.kind, self.k = "int", int(np.prod(w.shape[:-1]))
-            if bias is not None:
-                self.emit("affine", mean=np.zeros_like(bias), mul=np.ones_like(bias), add=bias)
-                self.kind = "float"
+            if scale is not None or bias is not None:
+                o = w.shape[-1]
+                self.emit("affine", mean=np.zeros(o, np.float32),
+                          mul=np.abs(scale).astype(np.float32) if scale is not None else np.ones(o, np.float32),
+                          add=bias if bias is not None else np.zeros(o, np.float32), k=self.k)
             return
         # full-precision input (first layer) or full-precision kernel: a float layer
         self._to_float(name)
         w = np.where(latent >= 0, 1.0, -1.0).astype(np.float32) if binary_kernel else latent
+        if scale is not None:  # a scaled sign kernel on real input: store the float kernel
+            w, binary_kernel = w * np.abs(scale), False
         if is_conv:
             strides = _tuple2(mod.strides)
             pads = [list(p) for p in pk._pads(mod.padding, in_shape[1:3], w.shape[:2], strides)]
@@ -170,35 +180,39 @@ class _Builder:
         """Make the running value bits: fold the trailing [pool] [bn] ops into thresholds where possible."""
         if self.kind == "bits":
             return
-        flatten = bool(self.ops) and self.ops[-1]["op"] == "flatten"
-        if flatten:  # thresholds act per channel, so they commute with flattening the packed words
-            self.ops.pop()
+        self.packed_after_flatten = False
         tail = []
-        while self.ops and self.ops[-1]["op"] in ("bn", "maxpool", "affine") and len(tail) < 2:
+        while self.ops and self.ops[-1]["op"] in ("bn", "maxpool", "affine", "flatten"):
             tail.insert(0, self.ops.pop())
-        kinds = [t["op"] for t in tail]
-        norms = [t for t in tail if t["op"] in ("bn", "affine")]
-        pools = [t for t in tail if t["op"] == "maxpool"]
-        if len(norms) == 1 and len(pools) <= 1:
-            norm = norms[0]
-            self.emit("threshold", **_thresholds(norm, self.kind == "int"))
+        flatten = bool(tail) and tail[-1]["op"] == "flatten"
+        if flatten:  # thresholds act per channel, so they commute with flattening the packed words
+            tail.pop()
+        pools = [i for i, t in enumerate(tail) if t["op"] == "maxpool"]
+        maps = [t for t in tail if t["op"] in ("bn", "affine")]
+        foldable = maps and len(pools) <= 1 and not any(t["op"] == "flatten" for t in tail)
+        if foldable:
+            self.emit("threshold", **_thresholds(maps, self.kind == "int"))
             self.emit("pack")
             if pools:
-                # pool -> norm -> sign: max commutes with each channel's monotone map (AND where it
-                # increases, OR where it decreases); norm -> pool -> sign: a plain max of signs (AND)
-                pool_first = kinds.index("maxpool") < kinds.index(norm["op"])
-                mask = _and_mask(norm) if pool_first else np.ones(norm["mean"].shape, bool)
-                self.emit("maxpool_bits", window=pools[0]["window"], strides=pools[0]["strides"], and_mask=mask)
-        else:
-            self.ops.extend(tail)
+                # max commutes with every channel's monotone map: after the maps it is a max of signs
+                # (AND of the "-1" bits) where the maps behind the pool increase, a min (OR) elsewhere
+                after = tail[pools[0] + 1:]
+                mask = _slope(after) >= 0 if after else np.ones(_channels(maps), bool)
+                self.emit("maxpool_bits", window=tail[pools[0]]["window"], strides=tail[pools[0]]["strides"],
+                          and_mask=mask)
+        else:  # e.g. a BatchNorm over flattened features: evaluate in float, then binarize
+            self.ops.extend(tail + ([{"op": "flatten"}] if flatten else []))
             self._finalize_float()
             self.emit("sign")
             self.emit("pack")
+            self.packed_after_flatten = any(t["op"] == "flatten" for t in self.ops[-3 - len(tail):])
+            flatten = False
         if flatten:
             self.emit("flatten")
         self.kind = "bits"
 
     def _to_float(self, name):
+        self.packed_after_flatten = False
         if self.kind == "bits":
             raise ExportError(f"layer {name}: expects real input but the previous layer's output was binarized.")
         self._finalize_float()
@@ -220,54 +234,63 @@ def _bn_affine(bn):
     return {"op": "affine", "mean": bn["mean"], "mul": np.asarray(mul, np.float32), "add": bn["bias"]}
 
 
-def _slope_sign(bn):
-    return np.sign(bn["scale"]) if bn["op"] == "bn" else np.sign(bn["mul"])
+def _channels(maps):
+    return int(np.asarray(maps[0]["mean"]).shape[-1])
 
 
-def _and_mask(bn):
-    # max over a window commutes with an increasing map (-1 only if every bit is -1: AND of the
-    # "is -1" bits) and becomes a min under a decreasing one (OR); constant channels pool trivially
-    return (_slope_sign(bn) >= 0)
+def _slope(maps):
+    """Per-channel sign of the slope of a chain of BN/affine maps (+1, -1, or 0 for a constant)."""
+    s = np.ones(_channels(maps))
+    for m in maps:
+        s = s * np.sign(m["scale"] if m["op"] == "bn" else m["mul"])
+    return s
 
 
-def _apply_norm(bn, y):
-    """Evaluate the BatchNorm exactly as the float model does (the module itself, eval mode)."""
-    if bn["op"] == "affine":
-        return (y - bn["mean"]) * bn["mul"] + bn["add"]
-    mod = bn["module"]
-    variables = {"batch_stats": {"mean": bn["mean"], "var": bn["var"]}, "params": {}}
+def _apply_norm(m, y):
+    """Evaluate one BN/affine map exactly as the float model does (a BatchNorm: the module itself)."""
+    if m["op"] == "affine":
+        return (y - m["mean"]) * m["mul"] + m["add"]
+    mod = m["module"]
+    variables = {"batch_stats": {"mean": m["mean"], "var": m["var"]}, "params": {}}
     if mod.use_scale:
-        variables["params"]["scale"] = bn["scale"]
+        variables["params"]["scale"] = m["scale"]
     if mod.use_bias:
-        variables["params"]["bias"] = bn["bias"]
+        variables["params"]["bias"] = m["bias"]
     return np.asarray(mod.clone(parent=None, use_running_average=True).apply(variables, jnp.asarray(y)))
 
 
-def _thresholds(bn, integer_input: bool):
-    """Per-channel ``(s, T)`` with ``bit(-1) = s * y < T`` equal to ``norm(y) < 0``."""
-    slope = _slope_sign(bn)
-    c = slope.shape[0]
+def _thresholds(maps, integer_input: bool):
+    """Fold a chain of per-channel monotone maps followed by sign into ``bit(-1) = s * y < T``.
+
+    Integer input (a packed layer's popcount result): the chain is evaluated on every possible
+    integer, so the thresholds reproduce the float model's float32 decisions exactly. Real input
+    (the first layer): the chain's float arithmetic is kept.
+    """
+    c = _channels(maps)
     if not integer_input:
-        # real-valued input (first layer): keep the float arithmetic, compare after the affine
-        aff = bn if bn["op"] == "affine" else _bn_affine(bn)
-        return {"mode": "float", "mean": aff["mean"], "mul": aff["mul"], "add": aff["add"]}
-    k = int(bn["k"])
+        out = {"mode": "float", "n": len(maps)}
+        for i, m in enumerate(m if m["op"] == "affine" else _bn_affine(m) for m in maps):
+            out.update({f"mean{i}": m["mean"], f"mul{i}": m["mul"], f"add{i}": m["add"]})
+        return out
+    k = max(int(m["k"]) for m in maps if m.get("k") is not None) if any(m.get("k") for m in maps) else None
+    if k is None:
+        raise ExportError("cannot bound the integer input of a threshold.")
     ys = np.arange(-k, k + 1, dtype=np.float32)
-    neg = _apply_norm(bn, np.broadcast_to(ys[:, None], (ys.size, c)).copy()) < 0  # (2k+1, C)
+    v = np.broadcast_to(ys[:, None], (ys.size, c)).copy()
+    for m in maps:
+        v = np.asarray(_apply_norm(m, v), np.float32)
+    neg = v < 0  # (2k+1, C): which integers the float model maps to -1
+    slope = _slope(maps)
     s = np.where(slope >= 0, 1, -1).astype(np.int32)
     t = np.empty(c, np.int64)
     for ch in range(c):
-        col = neg[:, ch]
-        if s[ch] > 0:  # -1 for y below the first non-negative output
-            nonneg = np.nonzero(~col)[0]
+        nonneg = np.nonzero(~neg[:, ch])[0]
+        if s[ch] > 0:  # -1 below the first non-negative output
             t[ch] = ys[nonneg[0]] if nonneg.size else k + 1
-        else:  # -1 for y above the last non-negative output: -y < -t
-            nonneg = np.nonzero(~col)[0]
+        else:  # -1 above the last non-negative output: -y < -t
             t[ch] = -ys[nonneg[-1]] if nonneg.size else k + 1
-        check = (s[ch] * ys < t[ch])
-        if not np.array_equal(check, col):
-            raise ExportError(f"BatchNorm {bn.get('name', '')}: channel {ch} is not monotone in its input; "
-                              "cannot fold it into a threshold.")
+        if not np.array_equal(s[ch] * ys < t[ch], neg[:, ch]):
+            raise ExportError(f"channel {ch} of a BatchNorm is not monotone in its input; cannot fold it.")
     return {"mode": "int", "s": s, "t": t.astype(np.int32)}
 
 
@@ -334,7 +357,8 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
 def _clean(ops):
     out = []
     for op in ops:
-        op = {k: v for k, v in op.items() if k not in ("module", "name") and v is not None}
+        op = {k: v for k, v in op.items() if k not in ("module", "name", "k" if op["op"] in ("bn", "affine") else "")
+              and v is not None}
         if op["op"] == "bn":
             op = _bn_affine(op)
         out.append(op)
@@ -367,7 +391,9 @@ def _run(ops, x):
             if op["mode"] == "int":
                 v = op["s"] * v < op["t"]
             else:
-                v = ((v - op["mean"]) * op["mul"] + op["add"]) < 0
+                for i in range(int(op["n"])):
+                    v = (v - op[f"mean{i}"]) * op[f"mul{i}"] + op[f"add{i}"]
+                v = v < 0
         elif kind == "sign":
             v = v < 0
         elif kind == "pack":

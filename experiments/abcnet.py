@@ -38,9 +38,7 @@ class ABCNetCNN(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str = "mnist"
-    data_dir: str | None = None
+class Config(experiment.Config):
     num_weight_bases: int = 5
     num_act_bases: int = 5
     float_epochs: int = 5
@@ -50,10 +48,6 @@ class Config:
     from_scratch: bool = False
     sweep: bool = False
     sweep_bases: tuple[int, ...] = (1, 3, 5)  # the M and N values of the sweep
-    seed: int = 0
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def convert(float_params, m, n):

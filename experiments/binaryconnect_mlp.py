@@ -38,19 +38,13 @@ class BinaryConnectMLP(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str = "mnist"
-    data_dir: str | None = None
+class Config(experiment.Config):
     mode: str = "deterministic"  # float | deterministic | stochastic
     hidden: tuple[int, ...] = (1024, 1024, 1024)
     dropout: float = 0.2  # used by the float baseline only, as in the seed
     epochs: int = 200
     batch_size: int = 256
     learning_rate: float = 1e-3
-    seed: int = 0
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:

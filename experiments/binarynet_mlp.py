@@ -36,9 +36,7 @@ class BinaryNetMLP(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str = "mnist"
-    data_dir: str | None = None
+class Config(experiment.Config):
     hidden: tuple[int, ...] = (4096, 4096, 4096)
     dropout_in: float = 0.2
     dropout_hidden: float = 0.5
@@ -46,11 +44,6 @@ class Config:
     batch_size: int = 100
     lr_start: float = 3e-3
     lr_end: float = 3e-7
-    seed: int = 0
-    export: bool = False
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:

@@ -18,9 +18,8 @@ from bnnjax.models import BiRealNet
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(experiment.Config):
     dataset: str = "cifar10"
-    data_dir: str | None = None
     stage_sizes: tuple[int, ...] = (4, 4, 4, 4)
     width: int = 64
     optimizer: str = "adam"  # adam | bop
@@ -29,10 +28,6 @@ class Config:
     learning_rate: float = 1e-3
     bop_threshold: float = 1e-8
     bop_gamma: float = 1e-4
-    seed: int = 0
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:

@@ -36,18 +36,10 @@ class ReportBNN(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str = "mnist"
-    data_dir: str | None = None
+class Config(experiment.Config):
     epochs: int = 10
-    batch_size: int = 64
     learning_rate: float = 1e-3
     input_scale: str = "[0, 1]"
-    seed: int = 0
-    export: bool = False
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def one_hot_cross_entropy(logits, labels):

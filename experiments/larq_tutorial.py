@@ -14,17 +14,9 @@ from bnnjax import experiment
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str = "mnist"
-    data_dir: str | None = None
+class Config(experiment.Config):
     epochs: int = 6
-    batch_size: int = 64
     learning_rate: float = 1e-3  # Keras' Adam default
-    seed: int = 0
-    export: bool = False
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:

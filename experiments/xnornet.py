@@ -33,18 +33,13 @@ class XNORNet(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(experiment.Config):
     dataset: str = "cifar10"
-    data_dir: str | None = None
     widths: tuple[int, ...] = (64, 128, 256)
     dense: int = 512
     epochs: int = 30
     batch_size: int = 128
     learning_rate: float = 1e-3
-    seed: int = 0
-    progress: bool = True
-    train_examples: int | None = None
-    test_examples: int | None = None
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:

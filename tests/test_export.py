@@ -147,3 +147,27 @@ def test_wrong_input_shape_and_bad_files(tmp_path):
     (tmp_path / "other.bnn").write_bytes(serialization.msgpack_serialize({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a bnnjax packed model"):
         export.load_packed(tmp_path / "other.bnn")
+
+
+class XnorStyle(nn.Module):
+    """Scaled sign kernels (XNOR-Net) whose per-channel scales fold into the thresholds."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        bn = lambda: nn.BatchNorm(use_running_average=not train)
+        xnor = dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight_scale", use_bias=False)
+        x = MaxPool((2, 2))(nn.Conv(12, (3, 3), padding="SAME", use_bias=False)(x))
+        x = MaxPool((2, 2))(QuantConv(16, (3, 3), padding="SAME", **xnor)(bn()(x)))
+        x = QuantDense(24, **xnor)(bn()(Flatten()(x)))
+        return nn.Dense(4)(bn()(x))
+
+
+def test_xnor_scaled_kernels_export_exactly():
+    model = XnorStyle()
+    x = jax.random.normal(jax.random.key(0), (64, 12, 12, 2))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]), seed=2, negative_scale=True)
+    packed = export.export(model, v, x)
+    kinds = [op["op"] for op in packed.ops]
+    assert "bconv" in kinds and "bdense" in kinds and "maxpool_bits" in kinds
+    np.testing.assert_array_equal(np.argmax(packed(x), -1), np.argmax(model.apply(v, x), -1))
+    np.testing.assert_allclose(packed(x), model.apply(v, x), rtol=1e-5, atol=1e-4)
