@@ -32,6 +32,7 @@ from flax import linen as nn
 from flax import serialization
 from flax.core import meta
 
+from bnnjax import _padding
 from bnnjax import layers as L
 from bnnjax import packing as pk
 from bnnjax import quantizers
@@ -119,7 +120,7 @@ class _Builder:
             w = np.where(latent >= 0, 1.0, -1.0).astype(np.float32)
             if is_conv:
                 strides = _tuple2(mod.strides)
-                pads = tuple(pk._pads(mod.padding, in_shape[1:3], w.shape[:2], strides))
+                pads = tuple(_padding.resolve(mod.padding, in_shape[1:3], w.shape[:2], strides))
                 pad_value = float(getattr(mod, "pad_values", 0.0))
                 corr = None
                 if pad_value == 0.0 and any(p != (0, 0) for p in pads):
@@ -149,7 +150,7 @@ class _Builder:
             w, binary_kernel = w * np.abs(scale), False
         if is_conv:
             strides = _tuple2(mod.strides)
-            pads = [list(p) for p in pk._pads(mod.padding, in_shape[1:3], w.shape[:2], strides)]
+            pads = [list(p) for p in _padding.resolve(mod.padding, in_shape[1:3], w.shape[:2], strides)]
             fields = dict(strides=list(strides), pads=pads, pad_values=float(getattr(mod, "pad_values", 0.0)),
                           shape=list(w.shape))
             if binary_kernel:

@@ -19,7 +19,7 @@ from flax import struct
 from flax.core import meta
 from flax import linen as nn
 
-from bnnjax import quantizers
+from bnnjax import _padding, quantizers
 
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
@@ -119,22 +119,6 @@ def _check_rank(name: str, x, rank: int, layout: str):
                          "add a batch axis with x[None] or reshape the input.")
 
 
-def _explicit_padding(padding, x_shape, kernel_shape, strides, dilation):
-    """Padding as ((lo, hi), ...) per spatial axis, as Flax's Conv resolves it."""
-    spatial = x_shape[1:-1]
-    if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID', an int or explicit pairs, got {padding!r}.")
-        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_shape, dilation)]
-        return tuple(jax.lax.padtype_to_pads(spatial, dilated, strides, padding.upper()))
-    if isinstance(padding, int):
-        return ((padding, padding),) * len(spatial)
-    pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-    if len(pads) != len(spatial):
-        raise ValueError(f"padding needs one entry per spatial axis ({len(spatial)}), got {padding!r}.")
-    return pads
-
-
 def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, kernel_dilation=1,
             feature_group_count=1, precision=None):
     """N-d convolution in channels-last layout with a constant padding value.
@@ -146,7 +130,7 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
     strides = _tuple(strides, n, "strides")
     kdil = _tuple(kernel_dilation, n, "kernel_dilation")
     idil = _tuple(input_dilation, n, "input_dilation")
-    pads = _explicit_padding(padding, x.shape, kernel.shape[:n], strides, kdil)
+    pads = _padding.resolve(padding, x.shape[1:-1], kernel.shape[:n], strides, kdil)
     if pad_values != 0.0 and any(p != (0, 0) for p in pads):
         x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=pad_values)
         pads = ((0, 0),) * n

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bnnjax import _padding
+
 __all__ = ["WORD_BITS", "num_words", "pack_bits", "unpack_bits", "xnor_matmul", "xnor_matmul_blocked",
            "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "pad_correction",
            "backend_kernel", "pack_kernel"]
@@ -191,14 +193,6 @@ def xnor_matmul(a, b, k: int, kernel: str | None = None):
 
 # --- convolution ----------------------------------------------------------------------------------
 
-def _pads(padding, in_hw, kernel_hw, strides):
-    if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}.")
-        return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding.upper()))
-    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-
-
 def extract_patches(x_words, kernel_hw: Sequence[int], strides: Sequence[int], pads):
     """im2col on packed words: ``(N, H, W, Wc)`` to ``(N, Ho, Wo, kh*kw*Wc)``.
 
@@ -251,7 +245,7 @@ def binary_conv2d(x_words, kernel_words, k: int, kernel_hw: Sequence[int], strid
     """
     if x_words.ndim != 4:
         raise ValueError(f"binary_conv2d expects packed NHWC words of rank 4, got shape {x_words.shape}.")
-    pads = _pads(padding, x_words.shape[1:3], kernel_hw, strides)
+    pads = _padding.resolve(padding, x_words.shape[1:3], kernel_hw, strides)
     patches = extract_patches(x_words, kernel_hw, strides, pads)
     y = xnor_matmul(patches, kernel_words, k)
     return y if correction is None else y - correction
