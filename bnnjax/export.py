@@ -87,7 +87,8 @@ class _Builder:
         self.kind = "float"  # what the running value is: "float", "int" (popcount output) or "bits"
         self.k = None  # contraction length of the last integer-producing layer
         self.packed_after_flatten = False  # bits packed along the flattened axis, not per position
-        self.bits_shape = None
+        self.bits_shape = None  # input shape of the layer being converted
+        self.flat_layout = None  # (H, W, C) of a Flatten right before the layer being converted
 
     def emit(self, op, **fields):
         self.ops.append({"op": op, **fields})
@@ -107,8 +108,10 @@ class _Builder:
             raise ExportError(f"layer {name}: grouped or dilated convolutions are not exported.")
         bias = np.asarray(params["bias"], np.float32) if "bias" in params else None
         binary_kernel = kq in _SIGN_QUANTIZERS or kq in _SCALED_SIGN_QUANTIZERS
-        scale = (np.asarray(quantizers.get(mod.kernel_quantizer)(jnp.asarray(latent)))[..., :1, :].reshape(-1, latent.shape[-1])[0]
-                 if kq in _SCALED_SIGN_QUANTIZERS else None)  # |q(W)| per output channel
+        scale = None
+        if kq in _SCALED_SIGN_QUANTIZERS:  # q(W) = scale * sign(W): |q(W)| is constant per output channel
+            q = np.asarray(quantizers.get(mod.kernel_quantizer)(jnp.asarray(latent)))
+            scale = np.abs(q.reshape(-1, q.shape[-1])[0])
         if iq is not None and iq not in _SIGN_QUANTIZERS:
             raise ExportError(f"layer {name}: input quantizer {iq!r} is not a ±1 sign; only sign-binarized "
                               "inputs can be packed. Use ste_sign/approx_sign or leave the input real.")
@@ -140,14 +143,14 @@ class _Builder:
             if scale is not None or bias is not None:
                 o = w.shape[-1]
                 self.emit("affine", mean=np.zeros(o, np.float32),
-                          mul=np.abs(scale).astype(np.float32) if scale is not None else np.ones(o, np.float32),
+                          mul=scale.astype(np.float32) if scale is not None else np.ones(o, np.float32),
                           add=bias if bias is not None else np.zeros(o, np.float32), k=self.k)
             return
         # full-precision input (first layer) or full-precision kernel: a float layer
         self._to_float(name)
         w = np.where(latent >= 0, 1.0, -1.0).astype(np.float32) if binary_kernel else latent
         if scale is not None:  # a scaled sign kernel on real input: store the float kernel
-            w, binary_kernel = w * np.abs(scale), False
+            w, binary_kernel = w * scale, False
         if is_conv:
             strides = _tuple2(mod.strides)
             pads = [list(p) for p in _padding.resolve(mod.padding, in_shape[1:3], w.shape[:2], strides)]
