@@ -9,6 +9,8 @@ after 200 epochs.
 """
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
@@ -17,6 +19,12 @@ from bnnjax import experiment
 from bnnjax.layers import QuantDense
 
 KERNEL = {"float": None, "deterministic": "ste_sign", "stochastic": "stochastic_sign"}
+
+
+def uniform_clip_range(key, shape, dtype=jnp.float32):
+    # BinaryConnect draws latent weights uniformly over the clip range, so hard_sigmoid(w), the
+    # stochastic +1 probability, is informative from the first step (a Lecun init keeps it near 1/2)
+    return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
 
 
 class BinaryConnectMLP(nn.Module):
@@ -29,11 +37,14 @@ class BinaryConnectMLP(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.mode not in KERNEL:
             raise ValueError(f"mode must be one of {sorted(KERNEL)}, got {self.mode!r}.")
+        binary = dict(kernel_quantizer=KERNEL[self.mode], use_bias=False)
+        if self.mode != "float":
+            binary["kernel_init"] = uniform_clip_range
         for width in self.hidden:
-            x = QuantDense(width, kernel_quantizer=KERNEL[self.mode], use_bias=False)(x)
+            x = QuantDense(width, **binary)(x)
             x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        x = QuantDense(self.num_classes, kernel_quantizer=KERNEL[self.mode], use_bias=False)(x)
+        x = QuantDense(self.num_classes, **binary)(x)
         return nn.BatchNorm(use_running_average=not train)(x)
 
 
