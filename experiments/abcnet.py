@@ -27,8 +27,8 @@ class ABCNetCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for name, features in CONVS.items():
-            if self.num_weight_bases is None:
-                x = nn.Conv(features, (5, 5), padding="SAME", name=name)(x)
+            if self.num_weight_bases is None:  # a float conv (QuantConv without quantizers: the fast CPU path)
+                x = layers.QuantConv(features, (5, 5), padding="SAME", name=name)(x)
             else:
                 x = layers.ABCConv(features, (5, 5), num_weight_bases=self.num_weight_bases,
                                    num_act_bases=self.num_act_bases, name=name)(x)
@@ -53,7 +53,8 @@ class Config(experiment.Config):
 def convert(float_params, m, n):
     params = dict(float_params)
     for name, features in CONVS.items():
-        _, params[name] = layers.abc_from_float(nn.Conv(features, (5, 5), padding="SAME"), float_params[name], m, n)
+        float_conv = layers.QuantConv(features, (5, 5), padding="SAME")
+        _, params[name] = layers.abc_from_float(float_conv, float_params[name], m, n)
     return params
 
 
