@@ -87,14 +87,13 @@ class _Builder:
         self.kind = "float"  # what the running value is: "float", "int" (popcount output) or "bits"
         self.k = None  # contraction length of the last integer-producing layer
         self.packed_after_flatten = False  # bits packed along the flattened axis, not per position
-        self.bits_shape = None  # input shape of the layer being converted
-        self.flat_layout = None  # (H, W, C) of a Flatten right before the layer being converted
 
     def emit(self, op, **fields):
         self.ops.append({"op": op, **fields})
 
     # -- layers --
-    def layer(self, mod, name, in_shape, out_shape):
+    def layer(self, mod, name, in_shape, flat_layout):
+        """Convert one dense/conv layer; ``flat_layout`` is (H, W, C) of a Flatten right before it."""
         params = _get(self.v["params"], name)
         kernel = params["kernel"]
         kq = _quant_name(getattr(mod, "kernel_quantizer", None))
@@ -134,9 +133,9 @@ class _Builder:
                           kernel_hw=list(w.shape[:2]), strides=list(strides), pads=[list(p) for p in pads],
                           correction=corr)
             else:
-                if len(self.bits_shape) != 2:
+                if len(in_shape) != 2:
                     raise ExportError(f"layer {name}: a dense layer needs flat input; add bnnjax.layers.Flatten().")
-                layout = (1, 1, w.shape[0]) if self.packed_after_flatten else self.flat_layout
+                layout = (1, 1, w.shape[0]) if self.packed_after_flatten else flat_layout
                 kernel_words = _pack_dense_kernel(w, layout)
                 self.emit("bdense", kernel=kernel_words, k=int(w.shape[0]))
             self.kind, self.k = "int", int(np.prod(w.shape[:-1]))
@@ -323,12 +322,10 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
     calls, logits = _record(model, variables, x)
     b = _Builder(variables)
     flattened = None  # (H, W, C) of the last Flatten, for the dense layer right after it
-    for mod, name, in_shape, out_shape in calls:
+    for mod, name, in_shape, _ in calls:
         if isinstance(mod, (L.QuantConv, L.QuantDense, nn.Conv, nn.Dense)):
-            b.flat_layout = flattened or (1, 1, in_shape[-1])
+            b.layer(mod, name, in_shape, flattened or (1, 1, in_shape[-1]))
             flattened = None
-            b.bits_shape = in_shape
-            b.layer(mod, name, in_shape, out_shape)
         elif isinstance(mod, nn.BatchNorm):
             b.batch_norm(mod, name)
         elif isinstance(mod, nn.Dropout):
