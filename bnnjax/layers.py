@@ -9,6 +9,7 @@ parameter name.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence, Union
 
@@ -19,7 +20,7 @@ from flax import struct
 from flax.core import meta
 from flax import linen as nn
 
-from bnnjax import _padding, quantizers
+from bnnjax import _padding, packing, quantizers
 
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
@@ -102,6 +103,12 @@ def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
     return quantizers.ste_sign(x, dict(q.kwargs).get("clip_value", 1.0))
 
 
+def _sign_operands(qi: quantizers.Quantizer, qk: quantizers.Quantizer, x) -> bool:
+    """Both quantizers output only ±1 and the computation is float32 on CPU: the case where the
+    forward pass runs on packed bits (:func:`xnor_product`)."""
+    return qi.signs and qk.signs and x.dtype == jnp.float32 and _packed_training()
+
+
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
     if v is None:
         return (1,) * n
@@ -120,11 +127,13 @@ def _check_rank(name: str, x, rank: int, layout: str):
 
 
 def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, kernel_dilation=1,
-            feature_group_count=1, precision=None):
+            feature_group_count=1, precision=None, signs=False):
     """N-d convolution in channels-last layout with a constant padding value.
 
     ``pad_values=1.0`` pads a ±1 input with +1 ("one-padding"), which keeps every input of a binary
-    convolution binary; ``0.0`` is Flax's (and TensorFlow's) zero padding.
+    convolution binary; ``0.0`` is Flax's (and TensorFlow's) zero padding. ``signs=True`` declares
+    that ``x`` and ``kernel`` hold only -1 and +1, which lets a 2-D convolution on CPU run its forward
+    pass on packed bits (:func:`xnor_product`).
     """
     n = kernel.ndim - 2
     strides = _tuple(strides, n, "strides")
@@ -135,7 +144,13 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
         x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=pad_values)
         pads = ((0, 0),) * n
     if _use_patches_conv(x, kernel, idil, feature_group_count):
-        return _patches_conv(x, kernel, strides, pads, kdil, precision)
+        im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
+        k2 = kernel.reshape(-1, kernel.shape[-1])
+        if signs and im2col.packable and pad_values in (-1.0, 0.0, 1.0):
+            y = xnor_product(x, k2, im2col, precision)
+        else:
+            y = jnp.dot(im2col(x), k2, precision=precision)
+        return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
     return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
                                         dimension_numbers=dn, feature_group_count=feature_group_count,
@@ -149,24 +164,119 @@ def _use_patches_conv(x, kernel, input_dilation, groups) -> bool:
             and int(np.prod(kernel.shape[:-2])) > 1)
 
 
-def _patches_conv(x, kernel, strides, pads, dilation, precision):
-    """Convolution as im2col by strided slicing + one dot: same values as lax.conv, faster on CPU.
+@dataclasses.dataclass(frozen=True)
+class _Im2col:
+    """The patches of a convolution as a (pixels, kernel taps x channels) matrix, by strided slicing.
 
-    The slices' transpose is a pad-and-add, so the backward pass is two dots and cheap adds.
+    A linear map of ``x``: its transpose (slices become pads, the concatenation a split) is a cheap
+    pad-and-add, so a convolution's backward pass is two dots plus adds — faster on CPU than XLA's
+    convolution backward.
     """
-    n = kernel.ndim - 2
-    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),)) if any(p != (0, 0) for p in pads) else x
-    in_sp = x.shape[1:-1]
-    ks = kernel.shape[:n]
-    out_sp = [(i - (k - 1) * d - 1) // s + 1 for i, k, d, s in zip(in_sp, ks, dilation, strides)]
-    cols = []
-    for offs in np.ndindex(*ks):
-        start = (0,) + tuple(o * d for o, d in zip(offs, dilation)) + (0,)
-        limit = (x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides)) + (x.shape[-1],)
-        cols.append(jax.lax.slice(x, start, limit, (1,) + tuple(strides) + (1,)))
-    patches = jnp.concatenate(cols, axis=-1)
-    y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, kernel.shape[-1]), precision=precision)
-    return y.reshape((x.shape[0],) + tuple(out_sp) + (kernel.shape[-1],))
+
+    in_shape: tuple[int, ...]
+    kernel_spatial: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+
+    @property
+    def out_spatial(self) -> tuple[int, ...]:
+        return tuple((i + lo + hi - (k - 1) * d - 1) // s + 1 for i, (lo, hi), k, d, s in
+                     zip(self.in_shape[1:-1], self.pads, self.kernel_spatial, self.dilation, self.strides))
+
+    @property
+    def packable(self) -> bool:
+        return len(self.kernel_spatial) == 2 and all(d == 1 for d in self.dilation)
+
+    def __call__(self, x):
+        if any(p != (0, 0) for p in self.pads):
+            x = jnp.pad(x, ((0, 0),) + self.pads + ((0, 0),))
+        cols = []
+        for offs in np.ndindex(*self.kernel_spatial):
+            start = (0,) + tuple(o * d for o, d in zip(offs, self.dilation)) + (0,)
+            limit = ((x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in
+                                           zip(start[1:-1], self.out_spatial, self.strides)) + (x.shape[-1],))
+            cols.append(jax.lax.slice(x, start, limit, (1,) + self.strides + (1,)))
+        patches = jnp.concatenate(cols, axis=-1)
+        return patches.reshape(-1, patches.shape[-1])
+
+    def packed_product(self, x, kernel):
+        """``self(x) @ kernel`` for ±1 operands, on packed bits; zero padding is corrected exactly."""
+        kernel4 = kernel.reshape(self.kernel_spatial + (self.in_shape[-1], kernel.shape[-1]))
+        y = packing.binary_conv2d(packing.pack_bits(x), packing.pack_kernel(kernel4), kernel.shape[0],
+                                  self.kernel_spatial, self.strides, self.pads)
+        if any(p != (0, 0) for p in self.pads):
+            y = y - packing.pad_correction(kernel4, self.in_shape[1:3], self.strides, self.pads)
+        return y.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """``x`` of shape (..., K) as a (rows, K) matrix: the left operand of a dense layer."""
+
+    in_shape: tuple[int, ...]
+
+    def __call__(self, x):
+        return x.reshape(-1, self.in_shape[-1])
+
+    def packed_product(self, x, kernel):
+        y = packing.xnor_matmul(packing.pack_bits(self(x)), packing.pack_bits(kernel.T), kernel.shape[0])
+        return y.astype(jnp.float32)
+
+
+def _packed_training() -> bool:
+    # The popcount kernel beats a float32 dot on CPU; on GPUs/TPUs the float matmul units are faster.
+    return packing.backend_kernel() == "popcount"
+
+
+def xnor_product(x, kernel, lhs=None, precision=None):
+    """``lhs(x) @ kernel`` for ±1 operands: forward on packed bits (XNOR-popcount), backward in float.
+
+    Forward: ``pack(A) XNOR-popcount pack(K)`` with ``A = lhs(x)``, exactly equal to the float32
+    product (integers up to 2**24). Backward (``g`` the cotangent of the product)::
+
+        dA = g @ K^T,   dK = A^T @ g,   dx = lhs^T(dA)
+
+    in float32 with ``precision`` — the gradients of the float product, unchanged. Training a binary
+    layer this way is faster on CPU: the forward dot costs a fraction of a float32 one and the float
+    patches ``A`` are only built in the backward pass.
+
+    Args:
+      x: float array of ±1 values (a binarized activation).
+      kernel: (K, N) float array of ±1 values.
+      lhs: a linear map from ``x`` to the (M, K) left operand with a ``packed_product`` method (im2col
+        for a convolution); default: flatten every axis but the last.
+      precision: ``jax.lax.Precision`` of the backward dots.
+
+    Returns:
+      float32 (M, N).
+
+    Reference: Rastegari et al., "XNOR-Net", ECCV 2016 (arXiv:1603.05279), for the XNOR-popcount
+    product; the straight-through gradients come from the quantizers.
+    """
+    lhs = _Rows(tuple(x.shape)) if lhs is None else lhs
+    return _xnor_product(lhs, precision, x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _xnor_product(lhs, precision, x, kernel):
+    return lhs.packed_product(x, kernel)
+
+
+def _xnor_product_fwd(lhs, precision, x, kernel):
+    return lhs.packed_product(x, kernel), (x, kernel)
+
+
+def _xnor_product_bwd(lhs, precision, res, g):
+    x, kernel = res
+    g = g.astype(x.dtype)
+    da = jnp.dot(g, kernel.T, precision=precision)
+    dk = jnp.dot(lhs(x).T, g, precision=precision)
+    dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x.dtype))(da)
+    return dx, dk.astype(kernel.dtype)
+
+
+_xnor_product.defvjp(_xnor_product_fwd, _xnor_product_bwd)
 
 
 def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID"):
@@ -208,19 +318,32 @@ def _window_max_bwd(window, res, g):
     x, y = res
     xr, axes = _windows(x, window)
     hit = xr == y
-    # keep only the first hit of each window in row-major order: move the window axes last, flatten
-    rest = [a for a in range(xr.ndim) if a not in axes]
-    perm = rest + list(axes)
-    flat = jnp.transpose(hit, perm)
-    flat = flat.reshape(flat.shape[:len(rest)] + (-1,))
-    first = flat & (jnp.cumsum(flat, axis=-1) == 1)
-    gflat = jnp.where(first, jnp.expand_dims(g, -1), jnp.zeros((), g.dtype))
-    gr = jnp.transpose(gflat.reshape(tuple(xr.shape[a] for a in perm)), np.argsort(perm))
+    # Route g to the first hit of each window in row-major order. A running "seen" mask over the
+    # window offsets is elementwise and fuses; a cumsum over the window lowers to a slow reduce-window.
+    seen = None
+    parts = []
+    for offs in np.ndindex(*window):
+        index = [slice(None)] * xr.ndim
+        for a, o in zip(axes, offs):
+            index[a] = slice(o, o + 1)
+        h = hit[tuple(index)]
+        first = h if seen is None else h & ~seen
+        seen = h if seen is None else seen | h
+        parts.append(jnp.where(first, jnp.expand_dims(g, axes), jnp.zeros((), g.dtype)))
+    gr = _assemble_windows(parts, window, axes)
     n = len(window)
     gx = gr.reshape((x.shape[0],) + tuple(o * w for o, w in zip(g.shape[1:1 + n], window)) + x.shape[1 + n:])
     # windows cropped away at odd sizes get no gradient
     pads = [(0, 0)] + [(0, s - d) for s, d in zip(x.shape[1:1 + n], gx.shape[1:1 + n])] + [(0, 0)] * (x.ndim - 1 - n)
     return (jnp.pad(gx, pads),)
+
+
+def _assemble_windows(parts, window, axes):
+    """Inverse of indexing one offset per window: concatenate the per-offset pieces back along the
+    window axes, last axis innermost (row-major offsets)."""
+    for a, w in reversed(list(zip(axes, window))):
+        parts = [jnp.concatenate(parts[i:i + w], axis=a) for i in range(0, len(parts), w)]
+    return parts[0]
 
 
 _window_max.defvjp(_window_max_fwd, _window_max_bwd)
@@ -284,7 +407,10 @@ class QuantDense(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if _sign_operands(qi, qk, x):
+            y = xnor_product(x, k, precision=self.precision).reshape(x.shape[:-1] + (self.features,))
+        else:
+            y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return y if bias is None else y + bias
 
 
@@ -299,7 +425,8 @@ class _ConvMixin:
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
         y = conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
                     input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
-                    feature_group_count=groups, precision=self.precision)
+                    feature_group_count=groups, precision=self.precision,
+                    signs=_sign_operands(qi, qk, x))
         return y if bias is None else y + bias
 
 

@@ -216,18 +216,18 @@ def pad_correction(kernel_pm1, in_hw, strides, pads):
 
     A zero-padded tap contributes 0, a clear padding bit contributes ``+1 * w``; the correction is
     ``sum over padded taps of sum_c w[tap, c, o]``, a function of the border pattern only. Subtract it
-    from the packed result to get zero-padding semantics (what LCE does).
+    from the packed result to get zero-padding semantics (what LCE does). Works on concrete and on
+    traced kernels (inside ``jit``).
 
     Args:
       kernel_pm1: ±1 kernel ``(kh, kw, C, O)``.
     """
-    kernel_pm1 = np.asarray(kernel_pm1, np.float64)
-    kh, kw, _, o = kernel_pm1.shape
-    mask = np.pad(np.zeros(tuple(in_hw)), pads, constant_values=1.0)[None, :, :, None]
-    wsum = kernel_pm1.sum(axis=2, keepdims=True)
-    corr = lax.conv_general_dilated(jnp.asarray(mask, jnp.float32), jnp.asarray(wsum, jnp.float32), tuple(strides),
-                                    "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return np.rint(np.asarray(corr[0])).astype(np.int32)
+    mask = np.pad(np.zeros(tuple(in_hw), np.float32), pads, constant_values=1.0)[None, :, :, None]
+    wsum = jnp.sum(jnp.asarray(kernel_pm1, jnp.float32), axis=2, keepdims=True)
+    corr = lax.conv_general_dilated(jnp.asarray(mask), wsum, tuple(strides), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+    return jnp.rint(corr[0]).astype(jnp.int32)
 
 
 def binary_conv2d(x_words, kernel_words, k: int, kernel_hw: Sequence[int], strides: Sequence[int] = (1, 1),

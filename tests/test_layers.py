@@ -190,3 +190,51 @@ def test_fast_max_pool_matches_flax_values_and_first_max_gradient(shape, window)
     flax_grad = jax.vjp(lambda v: nn.max_pool(v, window, window), x)[1](g)[0]
     np.testing.assert_array_equal(ours, flax_grad)
     assert L.MaxPool(window).apply({}, x).shape == y.shape
+
+
+PACKED_CASES = [
+    (L.QuantDense(6, **BIN), (4, 3, 37)),
+    (L.QuantDense(5, **BIN), (1, 64)),
+    (L.QuantConv(7, (3, 3), padding="VALID", **BIN), (2, 9, 8, 33)),
+    (L.QuantConv(5, (3, 2), strides=2, padding="SAME", **BIN), (1, 7, 9, 3)),
+    (L.QuantConv(4, (3, 3), padding=((2, 0), (1, 1)), **BIN), (1, 6, 6, 2)),
+    (L.QuantConv(5, (3, 3), padding="SAME", pad_values=1.0, input_quantizer="approx_sign",
+                 kernel_quantizer="ste_sign"), (3, 5, 5, 40)),
+]
+
+
+def _loss_and_grads(layer, v, x):
+    def loss(p, x):
+        y = layer.apply({"params": p}, x)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
+
+    return jax.jit(layer.apply)(v, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+
+
+@pytest.mark.parametrize("layer,shape", PACKED_CASES)
+def test_packed_forward_training_path_equals_float_path(layer, shape, monkeypatch):
+    """±1 layers on CPU compute the forward on packed bits; values and gradients must equal the float
+    computation's exactly (odd K, K not a multiple of 32, zero and one padding, strides, batch 1)."""
+    x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
+    v = layer.init(jax.random.key(1), x)
+    jaxpr = str(jax.make_jaxpr(layer.apply)(v, x))
+    assert "population_count" in jaxpr  # the packed path is the one taken
+    y, g = _loss_and_grads(layer, v, x)
+    monkeypatch.setattr(L, "_sign_operands", lambda *a: False)
+    assert "population_count" not in str(jax.make_jaxpr(layer.apply)(v, x))
+    y_ref, g_ref = _loss_and_grads(layer, v, x)
+    np.testing.assert_array_equal(y, y_ref)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [L.QuantConv(4, (3, 3), kernel_quantizer="ste_sign"),
+                                   L.QuantConv(4, (3, 3), input_quantizer="ste_sign",
+                                               kernel_quantizer="magnitude_aware_sign"),
+                                   L.QuantConv(4, (3, 3), input_quantizer="ste_heaviside", kernel_quantizer="ste_sign"),
+                                   L.QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                                                dtype=jnp.bfloat16)])
+def test_non_sign_operands_keep_the_float_path(layer):
+    x = jnp.ones((1, 5, 5, 3))
+    v = layer.init(KEY, x)
+    assert "population_count" not in str(jax.make_jaxpr(layer.apply)(v, x))

@@ -35,6 +35,14 @@ def test_every_quantizer_keeps_dtype_and_works_under_jit_grad_vmap(name, dtype):
     assert v.shape == (x.size, 1, 1)
 
 
+@pytest.mark.parametrize("name", q.names())
+def test_signs_flag_is_true_exactly_for_quantizers_whose_outputs_are_plus_minus_one(name):
+    """Layers trust ``signs`` to run a packed forward pass, so the flag must match the values."""
+    x = jnp.concatenate([X, 3 * jax.random.normal(KEY, (200,))]).reshape(-1, 1)
+    values = set(np.unique(np.asarray(call(name, x))).tolist())
+    assert q.get(name).signs == (values <= {-1.0, 1.0}), values
+
+
 @pytest.mark.parametrize("name", ["ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign",
                                   "xnor_weight_scale"])
 def test_binary_quantizers_map_zero_to_plus_one(name):
