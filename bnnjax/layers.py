@@ -148,6 +148,8 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
         k2 = kernel.reshape(-1, kernel.shape[-1])
         if signs and im2col.packable and pad_values in (-1.0, 0.0, 1.0):
             y = xnor_product(x, k2, im2col, precision)
+        elif k2.shape[0] <= _TAPS_MAX_K and x.dtype == jnp.float32:
+            y = _lhs_product(im2col, "taps_product", precision, x, k2)
         else:
             y = jnp.dot(im2col(x), k2, precision=precision)
         return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
@@ -155,6 +157,10 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
     return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
                                         dimension_numbers=dn, feature_group_count=feature_group_count,
                                         precision=precision)
+
+
+# Contraction length up to which a CPU convolution sums shifted inputs instead of calling a dot.
+_TAPS_MAX_K = 16
 
 
 def _use_patches_conv(x, kernel, input_dilation, groups) -> bool:
@@ -199,6 +205,23 @@ class _Im2col:
             cols.append(jax.lax.slice(x, start, limit, (1,) + self.strides + (1,)))
         patches = jnp.concatenate(cols, axis=-1)
         return patches.reshape(-1, patches.shape[-1])
+
+    def taps_product(self, x, kernel):
+        """``self(x) @ kernel`` as a sum over kernel taps and input channels of shifted inputs times
+        kernel rows: elementwise work XLA fuses into one loop, where a dot with a short contraction
+        (a first layer's 3x3x1) runs far below the matmul units' speed."""
+        x = jnp.pad(x, ((0, 0),) + self.pads + ((0, 0),)) if any(p != (0, 0) for p in self.pads) else x
+        cin, y, row = self.in_shape[-1], None, 0
+        for offs in np.ndindex(*self.kernel_spatial):
+            start = (0,) + tuple(o * d for o, d in zip(offs, self.dilation)) + (0,)
+            limit = ((x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in
+                                           zip(start[1:-1], self.out_spatial, self.strides)) + (cin,))
+            tap = jax.lax.slice(x, start, limit, (1,) + self.strides + (1,))
+            for c in range(cin):
+                term = tap[..., c:c + 1] * kernel[row]
+                y = term if y is None else y + term
+                row += 1
+        return y.reshape(-1, kernel.shape[-1])
 
     def packed_product(self, x, kernel):
         """``self(x) @ kernel`` for ±1 operands, on packed bits; zero padding is corrected exactly."""
@@ -255,28 +278,31 @@ def xnor_product(x, kernel, lhs=None, precision=None):
     product; the straight-through gradients come from the quantizers.
     """
     lhs = _Rows(tuple(x.shape)) if lhs is None else lhs
-    return _xnor_product(lhs, precision, x, kernel)
+    return _lhs_product(lhs, "packed_product", precision, x, kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _xnor_product(lhs, precision, x, kernel):
-    return lhs.packed_product(x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _lhs_product(lhs, forward, precision, x, kernel):
+    """``lhs(x) @ kernel`` with the forward pass computed by ``getattr(lhs, forward)`` (an exact
+    alternative formulation) and the float product's backward pass."""
+    return getattr(lhs, forward)(x, kernel)
 
 
-def _xnor_product_fwd(lhs, precision, x, kernel):
-    return lhs.packed_product(x, kernel), (x, kernel)
+def _lhs_product_fwd(lhs, forward, precision, x, kernel):
+    return getattr(lhs, forward)(x, kernel), (x, kernel)
 
 
-def _xnor_product_bwd(lhs, precision, res, g):
+def _lhs_product_bwd(lhs, forward, precision, res, g):
     x, kernel = res
     g = g.astype(x.dtype)
     da = jnp.dot(g, kernel.T, precision=precision)
     dk = jnp.dot(lhs(x).T, g, precision=precision)
+    # unused when x is the model's input: XLA drops it
     dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x.dtype))(da)
     return dx, dk.astype(kernel.dtype)
 
 
-_xnor_product.defvjp(_xnor_product_fwd, _xnor_product_bwd)
+_lhs_product.defvjp(_lhs_product_fwd, _lhs_product_bwd)
 
 
 def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID"):

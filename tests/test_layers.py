@@ -238,3 +238,21 @@ def test_non_sign_operands_keep_the_float_path(layer):
     x = jnp.ones((1, 5, 5, 3))
     v = layer.init(KEY, x)
     assert "population_count" not in str(jax.make_jaxpr(layer.apply)(v, x))
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (L.QuantConv(8, (3, 3), padding="VALID", kernel_quantizer="ste_sign", use_bias=False), (2, 9, 8, 1)),
+    (L.QuantConv(5, (2, 2), strides=2, padding="SAME", kernel_quantizer="ste_sign"), (1, 7, 9, 3)),
+    (L.QuantConv(4, (3, 3), padding="SAME"), (3, 5, 5, 1)),
+])
+def test_short_contraction_conv_sums_taps_and_equals_dot_path(layer, shape, monkeypatch):
+    """First layers (3x3x1) sum shifted inputs instead of calling a dot: same values up to float
+    summation order, same gradients."""
+    x = jax.random.normal(KEY, shape)
+    v = layer.init(jax.random.key(1), x)
+    y, g = _loss_and_grads(layer, v, x)
+    monkeypatch.setattr(L, "_TAPS_MAX_K", 0)
+    y_ref, g_ref = _loss_and_grads(layer, v, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
