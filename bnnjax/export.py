@@ -2,7 +2,8 @@
 
 ``export(model, variables, example_input)`` records the model's layer calls in evaluation mode (a
 Keras-Sequential-like chain of ``QuantConv``/``QuantDense``/``nn.Conv``/``nn.Dense``/``BatchNorm``/
-``MaxPool``/``Flatten`` modules) and turns them into a small program of packed ops:
+``MaxPool``/``Flatten``/``GlobalAvgPool``/``Activation("relu")``/``Dropout`` modules, ABC layers and
+residual ``bnnjax.models.BiRealBlock`` blocks) and turns them into a small program of packed ops:
 
 * binary layers (±1 kernel, sign input quantizer) become bit-packed kernels (``packing`` layout, 32x
   smaller) run by the XNOR-popcount kernel;
@@ -12,7 +13,11 @@ Keras-Sequential-like chain of ``QuantConv``/``QuantDense``/``nn.Conv``/``nn.Den
   integer, so the packed model takes the same decisions as the float model;
 * a max-pool between a layer and that BatchNorm runs on the bits (AND per channel where BatchNorm's
   slope is positive, OR where it is negative — max commutes with a monotone map);
-* other BatchNorms become a per-channel affine; full-precision first/last layers stay float.
+* other BatchNorms become a per-channel affine; full-precision first/last layers stay float;
+* an ABC layer becomes its M x N binary ops: N shifted binarizations of the input, packed, against
+  M packed weight bases, combined with the alphas and betas;
+* a residual block keeps its real-valued input in a slot: the shortcut (average-pool, real 1x1 conv,
+  BatchNorm) runs in float, the binary conv on packed bits, and the two are added.
 
 Each export is verified: the packed model is run on ``example_input`` and must give the float
 model's argmax (and logits within tolerance), else ``ExportError`` says where they part. This catches
@@ -36,6 +41,7 @@ from bnnjax import _padding
 from bnnjax import layers as L
 from bnnjax import packing as pk
 from bnnjax import quantizers
+from bnnjax.models import BiRealBlock
 
 __all__ = ["export", "PackedModel", "save_packed", "load_packed", "ExportError", "FORMAT"]
 
@@ -61,10 +67,15 @@ def _record(model, variables, x):
 
     with nn.intercept_methods(interceptor):
         logits = model.apply(variables, x, train=False)
-    # only the outermost bnnjax/flax layers: drop calls nested inside a recorded call's path
-    paths = [c[1] for c in calls]
-    top = [c for c in calls if not any(c[1].startswith(p + "/") for p in paths if p != c[1])]
-    return top, logits
+    return calls, logits
+
+
+def _outermost(calls, prefix=""):
+    """The calls directly under ``prefix`` (a module path; "" for the model): drop calls nested in
+    another recorded call's path."""
+    inside = [c for c in calls if c[1].startswith(prefix + "/")] if prefix else calls
+    paths = [c[1] for c in inside]
+    return [c for c in inside if not any(c[1].startswith(p + "/") for p in paths if p != c[1])]
 
 
 def _get(tree, path, default=None):
@@ -90,6 +101,82 @@ class _Builder:
 
     def emit(self, op, **fields):
         self.ops.append({"op": op, **fields})
+
+    def save(self) -> int:
+        """Keep the running (float) value in a new slot; returns the slot number."""
+        self.slots = getattr(self, "slots", 0) + 1
+        self.emit("save", slot=self.slots - 1)
+        return self.slots - 1
+
+    def abc_layer(self, mod, name, in_shape, flat_layout):
+        """An ABC layer: ``sum_n beta_n sum_m alpha_m op(A_n, B_m) + b`` as M x N packed binary ops.
+
+        ``A_n``'s -1 bits are ``x + v_n < 0.5`` (ABC's ``sign(clip(x + v_n, 0, 1) - 0.5)``, the same
+        float32 comparison); the weight bases and least-squares alphas are those the layer computes.
+        """
+        params = _get(self.v["params"], name)
+        latent = jnp.asarray(meta.unbox(params["kernel"]), jnp.float32)
+        bases, alpha = L.abc_weight_bases(latent, mod.num_weight_bases)
+        bases, alpha = np.asarray(bases, np.float32), np.asarray(alpha, np.float32)
+        bias = np.asarray(params["bias"], np.float32) if "bias" in params else None
+        is_conv = isinstance(mod, L.ABCConv)
+        if is_conv and (latent.ndim != 4 or _tuple2(mod.kernel_dilation) != (1, 1)):
+            raise ExportError(f"layer {name}: only undilated 2-D ABC convolutions are exported.")
+        self._to_float(name)
+        if mod.num_act_bases is None:  # real input: one float layer with the approximated kernel
+            w = np.tensordot(alpha, bases, axes=1)
+            if is_conv:
+                strides = _tuple2(mod.strides)
+                pads = [list(p) for p in _padding.resolve(mod.padding, in_shape[1:3], w.shape[:2], strides)]
+                self.emit("fconv", kernel=w, strides=list(strides), pads=pads, pad_values=0.0, shape=list(w.shape))
+            else:
+                self.emit("fdense", kernel=w, shape=list(w.shape))
+        else:
+            fields = dict(alpha=alpha, shift=np.asarray(params["shift"], np.float32),
+                          beta=np.asarray(params["beta"], np.float32), k=int(np.prod(bases.shape[1:-1])))
+            if is_conv:
+                strides = _tuple2(mod.strides)
+                pads = tuple(_padding.resolve(mod.padding, in_shape[1:3], bases.shape[1:3], strides))
+                fields.update(kernels=np.stack([np.asarray(pk.pack_kernel(b)) for b in bases]),
+                              kernel_hw=list(bases.shape[1:3]), strides=list(strides), pads=[list(p) for p in pads])
+                if any(p != (0, 0) for p in pads):  # ABC convolutions zero-pad their binary inputs
+                    fields["correction"] = np.stack([np.asarray(pk.pad_correction(b, in_shape[1:3], strides, pads))
+                                                     for b in bases])
+                self.emit("abc_conv", **fields)
+            else:
+                if len(in_shape) != 2:
+                    raise ExportError(f"layer {name}: a dense layer needs flat input; add bnnjax.layers.Flatten().")
+                self.emit("abc_dense", kernels=np.stack([np.asarray(pk.pack_kernel(b)) for b in bases]), **fields)
+        if bias is not None:
+            self.emit("affine", mean=np.zeros_like(bias), mul=np.ones_like(bias), add=bias)
+        self.kind = "float"
+
+    def residual_block(self, mod, name, in_shape, nested):
+        """A Bi-Real block: ``BN(binary_conv(x)) + shortcut(x)``, shortcut = x or BN(conv1x1(avgpool(x)))."""
+        convs = [c for c in nested if type(c[0]) is nn.Conv]
+        qconvs = [c for c in nested if isinstance(c[0], L.QuantConv)]
+        bns = [c for c in nested if isinstance(c[0], nn.BatchNorm)]
+        if len(qconvs) != 1 or len(convs) > 1 or len(bns) != 1 + len(convs) or len(nested) != len(convs) + len(qconvs) + len(bns):
+            raise ExportError(f"block {name}: expected one QuantConv + BatchNorm and an optional shortcut conv + "
+                              f"BatchNorm, got {[type(c[0]).__name__ for c in nested]}.")
+        self._to_float(name)
+        x_slot = self.save()
+        shortcut_slot = x_slot
+        if convs:
+            conv, bn_short, bn_main = convs[0], bns[0], bns[1]
+            if mod.strides != 1:
+                self.emit("avgpool", window=[mod.strides] * 2, strides=[mod.strides] * 2)
+            self.layer(conv[0], conv[1], conv[2], (1, 1, conv[2][-1]))
+            self.batch_norm(bn_short[0], bn_short[1])
+            self._finalize_float()
+            shortcut_slot = self.save()
+            self.emit("load", slot=x_slot)
+        else:
+            bn_main = bns[0]
+        self.layer(qconvs[0][0], qconvs[0][1], qconvs[0][2], (1, 1, qconvs[0][2][-1]))
+        self.batch_norm(bn_main[0], bn_main[1])
+        self._finalize_float()
+        self.emit("add", slot=shortcut_slot)
 
     # -- layers --
     def layer(self, mod, name, in_shape, flat_layout):
@@ -126,7 +213,7 @@ class _Builder:
                 pad_value = float(getattr(mod, "pad_values", 0.0))
                 corr = None
                 if pad_value == 0.0 and any(p != (0, 0) for p in pads):
-                    corr = pk.pad_correction(w, in_shape[1:3], strides, pads)
+                    corr = np.asarray(pk.pad_correction(w, in_shape[1:3], strides, pads))
                 elif pad_value not in (0.0, 1.0):
                     raise ExportError(f"layer {name}: pad_values={pad_value} cannot be packed (use 0.0 or 1.0).")
                 self.emit("bconv", kernel=np.asarray(pk.pack_kernel(w)), k=int(np.prod(w.shape[:3])),
@@ -185,7 +272,7 @@ class _Builder:
             return
         self.packed_after_flatten = False
         tail = []
-        while self.ops and self.ops[-1]["op"] in ("bn", "maxpool", "affine", "flatten"):
+        while self.ops and self.ops[-1]["op"] in ("bn", "maxpool", "affine", "flatten", "gap"):
             tail.insert(0, self.ops.pop())
         flatten = bool(tail) and tail[-1]["op"] == "flatten"
         if flatten:  # thresholds act per channel, so they commute with flattening the packed words
@@ -322,8 +409,24 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
     calls, logits = _record(model, variables, x)
     b = _Builder(variables)
     flattened = None  # (H, W, C) of the last Flatten, for the dense layer right after it
-    for mod, name, in_shape, _ in calls:
-        if isinstance(mod, (L.QuantConv, L.QuantDense, nn.Conv, nn.Dense)):
+    for mod, name, in_shape, _ in _outermost(calls):
+        if isinstance(mod, BiRealBlock):
+            b.residual_block(mod, name, in_shape, _outermost(calls, name))
+            flattened = None
+        elif isinstance(mod, (L.ABCConv, L.ABCDense)):
+            b.abc_layer(mod, name, in_shape, flattened or (1, 1, in_shape[-1]))
+            flattened = None
+        elif isinstance(mod, L.Activation):
+            if mod.fn not in ("relu", jax.nn.relu):
+                raise ExportError(f"layer {name}: activation {mod.fn!r} is not exported (supported: 'relu').")
+            b._to_float(name)
+            b.emit("relu")
+        elif isinstance(mod, L.GlobalAvgPool):
+            if len(in_shape) != 4:
+                raise ExportError(f"layer {name}: only 2-D global average pooling is exported.")
+            b.emit("gap")
+            flattened = None
+        elif isinstance(mod, (L.QuantConv, L.QuantDense, nn.Conv, nn.Dense)):
             b.layer(mod, name, in_shape, flattened or (1, 1, in_shape[-1]))
             flattened = None
         elif isinstance(mod, nn.BatchNorm):
@@ -341,7 +444,8 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
             b.emit("flatten")
         else:
             raise ExportError(f"layer {name} ({type(mod).__name__}) cannot be exported; supported: QuantConv, "
-                              "QuantDense, nn.Conv, nn.Dense, BatchNorm, MaxPool, Flatten, Dropout.")
+                              "QuantDense, ABCConv, ABCDense, nn.Conv, nn.Dense, BatchNorm, MaxPool, Flatten, "
+                              "GlobalAvgPool, Activation('relu'), Dropout, BiRealBlock.")
     b._finalize_float()
     packed = PackedModel(_clean(b.ops), tuple(x.shape[1:]))
     got = np.asarray(packed(x))
@@ -369,11 +473,27 @@ def _clean(ops):
 # --- the packed model -----------------------------------------------------------------------------
 
 def _run(ops, x):
-    """Run the packed program. ``x`` is float; values move between float, int32 and packed bits."""
-    v = x
+    """Run the packed program. ``x`` is float; values move between float, int32 and packed bits;
+    ``save``/``load`` keep float values in numbered slots for residual adds."""
+    v, slots = x, {}
     for op in ops:
         kind = op["op"]
-        if kind == "fconv":
+        if kind == "save":
+            slots[int(op["slot"])] = v
+        elif kind == "load":
+            v = slots[int(op["slot"])]
+        elif kind == "add":
+            v = v.astype(jnp.float32) + slots[int(op["slot"])]
+        elif kind == "avgpool":
+            v = nn.avg_pool(v.astype(jnp.float32), tuple(op["window"]), tuple(op["strides"]), padding="SAME",
+                            count_include_pad=False)
+        elif kind == "gap":
+            v = jnp.mean(v.astype(jnp.float32), axis=(1, 2))
+        elif kind == "relu":
+            v = jnp.maximum(v, 0.0)
+        elif kind in ("abc_conv", "abc_dense"):
+            v = _abc(op, v)
+        elif kind == "fconv":
             w = op["kernel"] if "kernel" in op else pk.unpack_bits(op["kernel_bits"], int(np.prod(op["shape"][:3]))).T
             w = w.reshape(op["shape"])
             v = L.conv_nd(v, w, strides=tuple(op["strides"]), padding=[tuple(p) for p in op["pads"]],
@@ -408,6 +528,24 @@ def _run(ops, x):
         else:
             raise ValueError(f"unknown op {kind!r} in packed model.")
     return v
+
+
+def _abc(op, x):
+    """``sum_n beta_n sum_m alpha_m binary_op(bits(x + v_n < 0.5), B_m)`` on packed bits."""
+    y = 0.0
+    for n in range(len(op["shift"])):
+        bits = pk.pack_bits(x + op["shift"][n] < 0.5, axis=-1)
+        acc = 0.0
+        for m in range(len(op["alpha"])):
+            if op["op"] == "abc_conv":
+                c = op["correction"][m] if "correction" in op else None
+                z = pk.binary_conv2d(bits, op["kernels"][m], int(op["k"]), tuple(op["kernel_hw"]),
+                                     tuple(op["strides"]), [tuple(p) for p in op["pads"]], c)
+            else:
+                z = pk.xnor_matmul(bits, op["kernels"][m], int(op["k"]))
+            acc = acc + op["alpha"][m] * z.astype(jnp.float32)
+        y = y + op["beta"][n] * acc
+    return y
 
 
 def _maxpool_words(words, window, strides, and_mask):

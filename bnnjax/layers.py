@@ -25,6 +25,7 @@ from bnnjax import _padding, packing, quantizers
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
     "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "conv_nd", "max_pool", "MaxPool", "Flatten",
+    "GlobalAvgPool", "Activation", "xnor_product",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -397,6 +398,36 @@ class Flatten(nn.Module):
     @nn.compact
     def __call__(self, x):
         return x.reshape((x.shape[0], -1))
+
+
+class Activation(nn.Module):
+    """An elementwise activation as a module (Keras' ``Activation``), so exporters and summaries see it.
+
+    ``fn`` names a ``jax.nn`` function ("relu", "hard_tanh", ...) or is the function itself; the packed
+    exporter supports "relu".
+    """
+
+    fn: str | Callable = "relu"
+
+    @nn.compact
+    def __call__(self, x):
+        fn = self.fn
+        if isinstance(fn, str):
+            fn = getattr(jax.nn, fn, None)
+            if not callable(fn):
+                raise ValueError(f"unknown activation {self.fn!r}: name a jax.nn function such as 'relu'.")
+        return fn(x)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over every spatial axis: ``(N, *spatial, C) -> (N, C)`` (Keras' ``GlobalAveragePooling``)."""
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim < 3:
+            raise ValueError(f"GlobalAvgPool expects inputs of rank >= 3 (batch, *spatial, channels), got shape "
+                             f"{tuple(x.shape)}.")
+        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
 _DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
-from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
+from bnnjax.layers import Flatten, GlobalAvgPool, MaxPool, QuantConv, QuantDense
 
 __all__ = ["LarqTutorialCNN", "keras_batch_norm", "BiRealBlock", "BiRealNet"]
 
@@ -69,7 +68,9 @@ class BiRealBlock(nn.Module):
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             if self.strides != 1:
-                shortcut = nn.avg_pool(shortcut, (self.strides, self.strides), (self.strides, self.strides))
+                # SAME, averaging only real pixels (Keras' AvgPool2D): matches the strided conv's output size
+                shortcut = nn.avg_pool(shortcut, (self.strides, self.strides), (self.strides, self.strides),
+                                       padding="SAME", count_include_pad=False)
             shortcut = bn()(nn.Conv(self.features, (1, 1), use_bias=False)(shortcut))
         y = QuantConv(self.features, (3, 3), strides=self.strides, padding="SAME", input_quantizer="approx_sign",
                       kernel_quantizer="magnitude_aware_sign", use_bias=False,
@@ -79,6 +80,8 @@ class BiRealBlock(nn.Module):
 
 class BiRealNet(nn.Module):
     """Bi-Real-style ResNet: real stem and classifier, a shortcut around every binary conv.
+
+    Stem: real 3x3 conv + BN; then the blocks; then global average pooling and a real dense layer.
 
     ``stage_sizes=(4, 4, 4, 4)`` and ``width=64`` give Bi-Real Net 18's 16 binary convolutions (for
     32x32 inputs the stem is a 3x3 conv without pooling).
@@ -95,5 +98,5 @@ class BiRealNet(nn.Module):
         for i, n in enumerate(self.stage_sizes):
             for j in range(n):
                 x = BiRealBlock(self.width * 2 ** i, strides=2 if (i > 0 and j == 0) else 1)(x, train)
-        x = jnp.mean(nn.relu(x), axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        # the real-valued block output is pooled as it is: modules only, so the packed exporter sees it all
+        return nn.Dense(self.num_classes)(GlobalAvgPool()(x))

@@ -61,8 +61,11 @@ def test_larq_report_warns_that_it_trains_unclipped(data_dir, tmp_path, monkeypa
 @pytest.mark.parametrize("mode", ["float", "deterministic", "stochastic"])
 def test_binaryconnect_modes(data_dir, tmp_path, mode):
     m = script("binaryconnect_mlp")
-    cfg = m.Config(data_dir=data_dir, mode=mode, hidden=(32, 32), epochs=1, batch_size=32, progress=False)
-    check(m.train_and_evaluate(cfg, str(tmp_path)), tmp_path, 1, "binaryconnect_mlp")
+    cfg = m.Config(data_dir=data_dir, mode=mode, hidden=(32, 32), epochs=1, batch_size=32, progress=False,
+                   export=True)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    check(r, tmp_path, 1, "binaryconnect_mlp")
+    assert r["predictions_identical"] is True
 
 
 def test_binarynet_mlp_squared_hinge_and_export(data_dir, tmp_path):
@@ -78,18 +81,23 @@ def test_binarynet_mlp_squared_hinge_and_export(data_dir, tmp_path):
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_xnornet(data_dir, tmp_path, dataset):
     m = script("xnornet")
-    cfg = m.Config(dataset=dataset, data_dir=data_dir, widths=(8, 16), dense=16, epochs=1, progress=False)
-    check(m.train_and_evaluate(cfg, str(tmp_path)), tmp_path, 1, "xnornet")
+    cfg = m.Config(dataset=dataset, data_dir=data_dir, widths=(8, 16), dense=16, epochs=1, progress=False,
+                   export=True)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    check(r, tmp_path, 1, "xnornet")
+    assert r["predictions_identical"] is True
 
 
 def test_abcnet_convert_finetune_sweep_and_scratch(data_dir, tmp_path, capsys):
     m = script("abcnet")
     cfg = m.Config(data_dir=data_dir, float_epochs=1, epochs=1, sweep=True, sweep_bases=(1, 3), batch_size=32,
-                   progress=False, train_examples=64, test_examples=32)
+                   progress=False, train_examples=64, test_examples=32, export=True)
     r = m.train_and_evaluate(cfg, str(tmp_path))
     assert {(s["num_weight_bases"], s["num_act_bases"]) for s in r["sweep"]} == {(1, 1), (1, 3), (3, 1), (3, 3)}
     assert "| M=3 |" in capsys.readouterr().out
-    check(json.loads((tmp_path / "M3_N3" / "result.json").read_text()), tmp_path / "M3_N3", 1, "abcnet_finetune")
+    m3n3 = json.loads((tmp_path / "M3_N3" / "result.json").read_text())
+    check(m3n3, tmp_path / "M3_N3", 1, "abcnet_finetune")
+    assert m3n3["predictions_identical"] is True and (tmp_path / "M3_N3" / "model.bnn").exists()
     scratch = m.train_and_evaluate(dataclasses.replace(cfg, from_scratch=True, sweep=False), str(tmp_path))
     check(scratch, tmp_path / "scratch", 1, "abcnet_scratch")
 
@@ -98,9 +106,10 @@ def test_abcnet_convert_finetune_sweep_and_scratch(data_dir, tmp_path, capsys):
 def test_birealnet(data_dir, tmp_path, optimizer):
     m = script("birealnet")
     cfg = m.Config(data_dir=data_dir, stage_sizes=(1, 1), width=8, optimizer=optimizer, epochs=1, batch_size=32,
-                   progress=False, bop_gamma=1e-2)
+                   progress=False, bop_gamma=1e-2, export=True)
     r = m.train_and_evaluate(cfg, str(tmp_path))
     check(r, tmp_path, 1, "birealnet")
+    assert r["predictions_identical"] is True
     if optimizer == "bop":
         log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
         assert log["flip_ratio"] > 0

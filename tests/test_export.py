@@ -171,3 +171,64 @@ def test_xnor_scaled_kernels_export_exactly():
     assert "bconv" in kinds and "bdense" in kinds and "maxpool_bits" in kinds
     np.testing.assert_array_equal(np.argmax(packed(x), -1), np.argmax(model.apply(v, x), -1))
     np.testing.assert_allclose(packed(x), model.apply(v, x), rtol=1e-5, atol=1e-4)
+
+
+def _exports_like_the_model(model, variables, x, tmp_path):
+    packed = export.export(model, variables, x)
+    want = np.asarray(model.apply(variables, x))
+    export.save_packed(tmp_path / "m.bnn", packed)
+    for p in (packed, export.load_packed(tmp_path / "m.bnn")):
+        got = np.asarray(p(x))
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    return packed
+
+
+def test_bireal_residual_net_exports_with_packed_binary_convs(tmp_path):
+    """Residual blocks (identity and average-pool + 1x1 conv shortcuts, stride 2, SAME zero padding,
+    odd spatial sizes, magnitude-aware kernels) run their binary convs packed and match the model."""
+    model = bnnjax.models.BiRealNet(stage_sizes=(1, 2, 1), width=8)
+    x = jax.random.uniform(jax.random.key(2), (16, 13, 13, 1), minval=-1, maxval=1)
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    packed = _exports_like_the_model(model, v, x, tmp_path)
+    ops = [o["op"] for o in packed.ops]
+    assert ops.count("bconv") == 4 and ops.count("add") == 4 and ops.count("avgpool") == 2
+
+
+class ABCModel(nn.Module):
+    m: int
+    n: int | None
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = bnnjax.ABCConv(6, (3, 3), strides=2, num_weight_bases=self.m, num_act_bases=self.n)(x)
+        x = nn.BatchNorm(use_running_average=not train)(MaxPool((2, 2))(x))
+        x = bnnjax.layers.Activation("relu")(x)
+        x = bnnjax.ABCConv(5, (3, 3), padding="VALID", num_weight_bases=self.m, num_act_bases=self.n,
+                           use_bias=False)(x)
+        x = bnnjax.ABCDense(7, num_weight_bases=self.m, num_act_bases=self.n)(Flatten()(x))
+        return nn.Dense(3)(bnnjax.layers.Activation("relu")(x))
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 2), (2, None)])
+def test_abc_layers_export_as_m_by_n_packed_binary_ops(m, n, tmp_path):
+    model = ABCModel(m, n)
+    x = jax.random.uniform(jax.random.key(2), (16, 15, 15, 3))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    # learned shifts and betas, not the defaults
+    v = jax.tree_util.tree_map_with_path(
+        lambda p, a: a * 1.3 + 0.05 if getattr(p[-1], "key", None) in ("shift", "beta") else a, v)
+    packed = _exports_like_the_model(model, v, x, tmp_path)
+    ops = [o["op"] for o in packed.ops]
+    assert ops.count("abc_conv") == (2 if n else 0) and ops.count("abc_dense") == (1 if n else 0)
+
+
+def test_unsupported_activation_is_a_clear_export_error():
+    class Tanh(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return QuantDense(3, **B)(bnnjax.layers.Activation("tanh")(x))
+
+    x = jnp.ones((2, 4))
+    with pytest.raises(export.ExportError, match="Activation_0.*'tanh'"):
+        export.export(Tanh(), Tanh().init(jax.random.key(0), x), x)
