@@ -105,9 +105,10 @@ def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
 
 
 def _sign_operands(qi: quantizers.Quantizer, qk: quantizers.Quantizer, x) -> bool:
-    """Both quantizers output only ±1 and the computation is float32 on CPU: the case where the
-    forward pass runs on packed bits (:func:`xnor_product`)."""
-    return qi.signs and qk.signs and x.dtype == jnp.float32 and _packed_training()
+    """±1 inputs, a (per-channel scaled) ±1 kernel and float32 on CPU: the case where the forward pass
+    runs on packed bits (:func:`xnor_product`)."""
+    return (qi.values == "signs" and qk.values in ("signs", "scaled_signs") and x.dtype == jnp.float32
+            and _packed_training())
 
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
@@ -128,13 +129,14 @@ def _check_rank(name: str, x, rank: int, layout: str):
 
 
 def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, kernel_dilation=1,
-            feature_group_count=1, precision=None, signs=False):
+            feature_group_count=1, precision=None, signs=False, scaled=False):
     """N-d convolution in channels-last layout with a constant padding value.
 
     ``pad_values=1.0`` pads a ±1 input with +1 ("one-padding"), which keeps every input of a binary
     convolution binary; ``0.0`` is Flax's (and TensorFlow's) zero padding. ``signs=True`` declares
-    that ``x`` and ``kernel`` hold only -1 and +1, which lets a 2-D convolution on CPU run its forward
-    pass on packed bits (:func:`xnor_product`).
+    that ``x`` holds only -1 and +1 and ``kernel`` too (times a non-negative per-output-channel scale
+    with ``scaled=True``), which lets a 2-D convolution on CPU run its forward pass on packed bits
+    (:func:`xnor_product`).
     """
     n = kernel.ndim - 2
     strides = _tuple(strides, n, "strides")
@@ -148,7 +150,7 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
         im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
         k2 = kernel.reshape(-1, kernel.shape[-1])
         if signs and im2col.packable and pad_values in (-1.0, 0.0, 1.0):
-            y = xnor_product(x, k2, im2col, precision)
+            y = xnor_product(x, k2, im2col, precision, scaled)
         elif k2.shape[0] <= _TAPS_MAX_K and x.dtype == jnp.float32:
             y = _lhs_product(im2col, "taps_product", precision, x, k2)
         else:
@@ -253,11 +255,13 @@ def _packed_training() -> bool:
     return packing.backend_kernel() == "popcount"
 
 
-def xnor_product(x, kernel, lhs=None, precision=None):
+def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
     """``lhs(x) @ kernel`` for ±1 operands: forward on packed bits (XNOR-popcount), backward in float.
 
     Forward: ``pack(A) XNOR-popcount pack(K)`` with ``A = lhs(x)``, exactly equal to the float32
-    product (integers up to 2**24). Backward (``g`` the cotangent of the product)::
+    product (integers up to 2**24); with ``scaled=True`` the kernel is ``K * s`` (``s >= 0`` per
+    column, XNOR-Net's and Bi-Real's kernels) and the integer product is multiplied by ``s``. Backward
+    (``g`` the cotangent of the product)::
 
         dA = g @ K^T,   dK = A^T @ g,   dx = lhs^T(dA)
 
@@ -267,10 +271,11 @@ def xnor_product(x, kernel, lhs=None, precision=None):
 
     Args:
       x: float array of ±1 values (a binarized activation).
-      kernel: (K, N) float array of ±1 values.
+      kernel: (K, N) float array of ±1 values (of ±s[n] in column n with ``scaled=True``).
       lhs: a linear map from ``x`` to the (M, K) left operand with a ``packed_product`` method (im2col
         for a convolution); default: flatten every axis but the last.
       precision: ``jax.lax.Precision`` of the backward dots.
+      scaled: the kernel is a per-column scale times ±1.
 
     Returns:
       float32 (M, N).
@@ -279,18 +284,25 @@ def xnor_product(x, kernel, lhs=None, precision=None):
     product; the straight-through gradients come from the quantizers.
     """
     lhs = _Rows(tuple(x.shape)) if lhs is None else lhs
-    return _lhs_product(lhs, "packed_product", precision, x, kernel)
+    return _lhs_product(lhs, "scaled_packed_product" if scaled else "packed_product", precision, x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _lhs_product(lhs, forward, precision, x, kernel):
     """``lhs(x) @ kernel`` with the forward pass computed by ``getattr(lhs, forward)`` (an exact
     alternative formulation) and the float product's backward pass."""
+    return _lhs_forward(lhs, forward, x, kernel)
+
+
+def _lhs_forward(lhs, forward, x, kernel):
+    if forward == "scaled_packed_product":
+        # every entry of a column has the column's scale as its magnitude
+        return lhs.packed_product(x, jnp.where(kernel < 0, -1.0, 1.0).astype(kernel.dtype)) * jnp.abs(kernel[0])
     return getattr(lhs, forward)(x, kernel)
 
 
 def _lhs_product_fwd(lhs, forward, precision, x, kernel):
-    return getattr(lhs, forward)(x, kernel), (x, kernel)
+    return _lhs_forward(lhs, forward, x, kernel), (x, kernel)
 
 
 def _lhs_product_bwd(lhs, forward, precision, res, g):
@@ -465,7 +477,8 @@ class QuantDense(nn.Module):
         x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
         if _sign_operands(qi, qk, x):
-            y = xnor_product(x, k, precision=self.precision).reshape(x.shape[:-1] + (self.features,))
+            y = xnor_product(x, k, precision=self.precision, scaled=qk.values == "scaled_signs")
+            y = y.reshape(x.shape[:-1] + (self.features,))
         else:
             y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return y if bias is None else y + bias
@@ -483,7 +496,7 @@ class _ConvMixin:
         y = conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
                     input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
                     feature_group_count=groups, precision=self.precision,
-                    signs=_sign_operands(qi, qk, x))
+                    signs=_sign_operands(qi, qk, x), scaled=qk.values == "scaled_signs")
         return y if bias is None else y + bias
 
 

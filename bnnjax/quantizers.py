@@ -400,17 +400,18 @@ def _fixed(bits):
     return lambda kw: bits
 
 
-# name -> (function, precision from kwargs, needs a PRNG key, outputs are exactly ±1)
-_REGISTRY: dict[str, tuple[Callable, Callable[[dict], int], bool, bool]] = {
-    "ste_sign": (ste_sign, _fixed(1), False, True),
-    "approx_sign": (approx_sign, _fixed(1), False, True),
-    "swish_sign": (swish_sign, _fixed(1), False, True),
-    "ste_heaviside": (ste_heaviside, _fixed(1), False, False),
-    "ste_tern": (ste_tern, _fixed(2), False, False),
-    "magnitude_aware_sign": (magnitude_aware_sign, _fixed(1), False, False),
-    "dorefa": (dorefa, lambda kw: kw.get("k_bit", 2), False, False),
-    "stochastic_sign": (stochastic_sign, _fixed(1), True, True),
-    "xnor_weight_scale": (xnor_weight_scale, _fixed(1), False, False),
+# name -> (function, precision from kwargs, needs a PRNG key, outputs: "signs" (exactly ±1),
+# "scaled_signs" (a non-negative scale per last-axis channel times ±1) or None)
+_REGISTRY: dict[str, tuple[Callable, Callable[[dict], int], bool, str | None]] = {
+    "ste_sign": (ste_sign, _fixed(1), False, "signs"),
+    "approx_sign": (approx_sign, _fixed(1), False, "signs"),
+    "swish_sign": (swish_sign, _fixed(1), False, "signs"),
+    "ste_heaviside": (ste_heaviside, _fixed(1), False, None),
+    "ste_tern": (ste_tern, _fixed(2), False, None),
+    "magnitude_aware_sign": (magnitude_aware_sign, _fixed(1), False, "scaled_signs"),
+    "dorefa": (dorefa, lambda kw: kw.get("k_bit", 2), False, None),
+    "stochastic_sign": (stochastic_sign, _fixed(1), True, "signs"),
+    "xnor_weight_scale": (xnor_weight_scale, _fixed(1), False, "scaled_signs"),
 }
 
 
@@ -429,8 +430,10 @@ class Quantizer:
       kwargs: bound keyword parameters as a sorted tuple of pairs.
       precision: bit width of the output (1 for binary), or None for full precision.
       needs_rng: whether ``__call__`` requires a PRNG key.
-      signs: whether every output is exactly -1 or +1, so that a layer whose input and kernel
-        quantizers both have it can compute its forward pass on packed bits (``bnnjax.layers``).
+      values: what the outputs are known to be: ``"signs"`` (exactly -1 or +1), ``"scaled_signs"``
+        (a non-negative scale per last-axis channel times ±1) or None. A layer with a "signs" input
+        quantizer and a "signs" or "scaled_signs" kernel quantizer computes its forward pass on packed
+        bits (``bnnjax.layers.xnor_product``).
     """
 
     name: str
@@ -438,7 +441,7 @@ class Quantizer:
     kwargs: tuple[tuple[str, Any], ...] = ()
     precision: int | None = None
     needs_rng: bool = False
-    signs: bool = False
+    values: str | None = None
 
     def __call__(self, x, key=None):
         if self.needs_rng:
@@ -493,9 +496,9 @@ def get(identifier: str | Callable | Quantizer | None, **kwargs) -> Quantizer:
         if key is None:
             raise ValueError(f"unknown quantizer {identifier!r}; valid names are {names()} "
                              "(or pass a callable or None).")
-        fn, precision, needs_rng, signs = _REGISTRY[key]
+        fn, precision, needs_rng, values = _REGISTRY[key]
         bound = _bind(key, fn, kwargs, 2 if needs_rng else 1)
-        return Quantizer(key, fn, bound, precision(kwargs), needs_rng, signs)
+        return Quantizer(key, fn, bound, precision(kwargs), needs_rng, values)
     if callable(identifier):
         name = getattr(identifier, "__name__", type(identifier).__name__)
         return Quantizer(name, identifier, _bind(name, identifier, kwargs, 1),

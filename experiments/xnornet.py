@@ -25,7 +25,8 @@ class XNORNet(nn.Module):
     def __call__(self, x, train: bool = False):
         bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
         xnor = dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight_scale", use_bias=False)
-        x = MaxPool((2, 2))(nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False)(x))
+        # the real first conv: a QuantConv without quantizers, which takes bnnjax's fast CPU conv path
+        x = MaxPool((2, 2))(QuantConv(self.widths[0], (3, 3), padding="SAME", use_bias=False)(x))
         for width in self.widths[1:]:
             x = MaxPool((2, 2))(QuantConv(width, (3, 3), padding="SAME", **xnor)(bn()(x)))
         x = QuantDense(self.dense, **xnor)(bn()(Flatten()(x)))
