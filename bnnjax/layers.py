@@ -197,30 +197,27 @@ class _Im2col:
     def packable(self) -> bool:
         return len(self.kernel_spatial) == 2 and all(d == 1 for d in self.dilation)
 
-    def __call__(self, x):
+    def taps(self, x):
+        """The input window under each kernel tap (row-major), each of shape (N, *out_spatial, C)."""
         if any(p != (0, 0) for p in self.pads):
             x = jnp.pad(x, ((0, 0),) + self.pads + ((0, 0),))
-        cols = []
         for offs in np.ndindex(*self.kernel_spatial):
             start = (0,) + tuple(o * d for o, d in zip(offs, self.dilation)) + (0,)
             limit = ((x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in
                                            zip(start[1:-1], self.out_spatial, self.strides)) + (x.shape[-1],))
-            cols.append(jax.lax.slice(x, start, limit, (1,) + self.strides + (1,)))
-        patches = jnp.concatenate(cols, axis=-1)
+            yield jax.lax.slice(x, start, limit, (1,) + self.strides + (1,))
+
+    def __call__(self, x):
+        patches = jnp.concatenate(list(self.taps(x)), axis=-1)
         return patches.reshape(-1, patches.shape[-1])
 
     def taps_product(self, x, kernel):
         """``self(x) @ kernel`` as a sum over kernel taps and input channels of shifted inputs times
         kernel rows: elementwise work XLA fuses into one loop, where a dot with a short contraction
         (a first layer's 3x3x1) runs far below the matmul units' speed."""
-        x = jnp.pad(x, ((0, 0),) + self.pads + ((0, 0),)) if any(p != (0, 0) for p in self.pads) else x
-        cin, y, row = self.in_shape[-1], None, 0
-        for offs in np.ndindex(*self.kernel_spatial):
-            start = (0,) + tuple(o * d for o, d in zip(offs, self.dilation)) + (0,)
-            limit = ((x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in
-                                           zip(start[1:-1], self.out_spatial, self.strides)) + (cin,))
-            tap = jax.lax.slice(x, start, limit, (1,) + self.strides + (1,))
-            for c in range(cin):
+        y, row = None, 0
+        for tap in self.taps(x):
+            for c in range(tap.shape[-1]):
                 term = tap[..., c:c + 1] * kernel[row]
                 y = term if y is None else y + term
                 row += 1
