@@ -302,11 +302,32 @@ def _lhs_product_fwd(lhs, forward, precision, x, kernel):
     return _lhs_forward(lhs, forward, x, kernel), (x, kernel)
 
 
+def _bfloat16_gradients(precision) -> bool:
+    """Whether the user asked for one-pass bfloat16 matmuls: ``jax.default_matmul_precision("bfloat16")``
+    (or ``JAX_DEFAULT_MATMUL_PRECISION=bfloat16``) with no higher per-layer ``precision``."""
+    return jax.config.jax_default_matmul_precision == "bfloat16" and precision is None
+
+
+def _materialized(fn, probe, shape, dtype):
+    # a transposed operand XLA cannot fold back into the dot: folded, the bfloat16 dot gets a layout
+    # XLA:CPU's matmul library lacks and is silently upcast to float32
+    return packing._unfused(fn, jax.lax.bitcast_convert_type(probe, jnp.uint32), shape, dtype)
+
+
 def _lhs_product_bwd(lhs, forward, precision, res, g):
     x, kernel = res
     g = g.astype(x.dtype)
-    da = jnp.dot(g, kernel.T, precision=precision)
-    dk = jnp.dot(lhs(x).T, g, precision=precision)
+    if forward != "taps_product" and _bfloat16_gradients(precision) and x.dtype == jnp.float32:
+        # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
+        # products accumulated in float32: TPU's default matmul numerics
+        g16, a = g.astype(jnp.bfloat16), lhs(x)
+        kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
+        at = _materialized(lambda: a.T.astype(jnp.bfloat16), g[0, 0], a.T.shape, jnp.bfloat16)
+        da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
+        dk = jnp.dot(at, g16, preferred_element_type=jnp.float32)
+    else:
+        da = jnp.dot(g, kernel.T, precision=precision)
+        dk = jnp.dot(lhs(x).T, g, precision=precision)
     # unused when x is the model's input: XLA drops it
     dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x.dtype))(da)
     return dx, dk.astype(kernel.dtype)

@@ -3,7 +3,7 @@
 Prints one JSON line: seconds_per_epoch (mean of the epochs' training time, compilation excluded by a
 warm-up call), images_per_second, test_accuracy, plus the backend and device count.
 
-    python experiments/bench_train.py --epochs 1 [--data-dir DIR]
+    python experiments/bench_train.py --epochs 1 [--data-dir DIR] [--matmul-precision bfloat16]
 """
 import argparse
 import json
@@ -25,7 +25,11 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--steps-per-call", type=int, default=50)
+    p.add_argument("--matmul-precision", default=None,
+                   help="e.g. bfloat16: jax.default_matmul_precision for the run (binary layers' backward dots)")
     a = p.parse_args(argv)
+    if a.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     (xtr, ytr), (xte, yte) = [datasets.load_dataset(a.dataset, s, a.data_dir) for s in ("train", "test")]
     xtr, xte = datasets.preprocess(xtr), datasets.preprocess(xte)
     model = bnnjax.models.LarqTutorialCNN()
@@ -42,7 +46,8 @@ def main(argv=None):
     print(json.dumps({"benchmark": "train_seed000", "dataset": a.dataset, "epochs": a.epochs,
                       "batch_size": a.batch_size, "seconds_per_epoch": round(sec, 3),
                       "images_per_second": round(len(xtr) / sec, 1), "test_accuracy": hist[-1]["test_accuracy"],
-                      "backend": jax.default_backend(), "devices": jax.device_count()}))
+                      "backend": jax.default_backend(), "devices": jax.device_count(),
+                      "matmul_precision": a.matmul_precision}))
 
 
 if __name__ == "__main__":

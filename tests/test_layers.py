@@ -261,3 +261,21 @@ def test_short_contraction_conv_sums_taps_and_equals_dot_path(layer, shape, monk
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer,shape", [PACKED_CASES[2], PACKED_CASES[6]])
+def test_bfloat16_matmul_precision_gives_bfloat16_gradients_and_the_same_forward(layer, shape):
+    """Under ``jax.default_matmul_precision("bfloat16")`` the binary layers' backward dots round the
+    cotangent to bfloat16 (opt-in, TPU's default numerics): same values, gradients within bf16 error."""
+    x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
+    v = layer.init(jax.random.key(1), x)
+    y, g = _loss_and_grads(layer, v, x)
+    with jax.default_matmul_precision("bfloat16"):
+        y16, g16 = _loss_and_grads(layer, v, x)
+    np.testing.assert_array_equal(y, y16)
+    differs = False
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g16)):
+        scale = float(jnp.abs(a).max())
+        np.testing.assert_allclose(b, a, atol=2e-2 * scale)
+        differs |= not np.array_equal(a, b)
+    assert differs  # the bfloat16 path was taken
