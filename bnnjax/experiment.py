@@ -114,6 +114,8 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
               "test_accuracy": hist[-1]["test_accuracy"] if hist else None,
               "seconds": round(time.perf_counter() - t0, 2), "backend": jax.default_backend(),
               **(extra or {})}
+    if jax.config.jax_default_matmul_precision is not None:
+        result["matmul_precision"] = jax.config.jax_default_matmul_precision
     if getattr(config, "export", False):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         packed = export.export(model, variables, xt[:min(len(xt), 1000)])
