@@ -91,15 +91,15 @@ def test_xnornet(data_dir, tmp_path, dataset):
 def test_abcnet_convert_finetune_sweep_and_scratch(data_dir, tmp_path, capsys):
     m = script("abcnet")
     cfg = m.Config(data_dir=data_dir, float_epochs=1, epochs=1, sweep=True, sweep_bases=(1, 3), batch_size=32,
-                   progress=False, train_examples=64, test_examples=32, export=True)
+                   progress=False, train_examples=64, test_examples=32)
     r = m.train_and_evaluate(cfg, str(tmp_path))
     assert {(s["num_weight_bases"], s["num_act_bases"]) for s in r["sweep"]} == {(1, 1), (1, 3), (3, 1), (3, 3)}
     assert "| M=3 |" in capsys.readouterr().out
-    m3n3 = json.loads((tmp_path / "M3_N3" / "result.json").read_text())
-    check(m3n3, tmp_path / "M3_N3", 1, "abcnet_finetune")
-    assert m3n3["predictions_identical"] is True and (tmp_path / "M3_N3" / "model.bnn").exists()
-    scratch = m.train_and_evaluate(dataclasses.replace(cfg, from_scratch=True, sweep=False), str(tmp_path))
+    check(json.loads((tmp_path / "M3_N3" / "result.json").read_text()), tmp_path / "M3_N3", 1, "abcnet_finetune")
+    scratch = m.train_and_evaluate(dataclasses.replace(cfg, from_scratch=True, sweep=False, export=True),
+                                   str(tmp_path))
     check(scratch, tmp_path / "scratch", 1, "abcnet_scratch")
+    assert scratch["predictions_identical"] is True and (tmp_path / "scratch" / "model.bnn").exists()
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "bop"])
