@@ -98,17 +98,18 @@ class _Builder:
         self.kind = "float"  # what the running value is: "float", "int" (popcount output) or "bits"
         self.k = None  # contraction length of the last integer-producing layer
         self.packed_after_flatten = False  # bits packed along the flattened axis, not per position
+        self.slots = 0  # float values kept for residual adds
 
     def emit(self, op, **fields):
         self.ops.append({"op": op, **fields})
 
     def save(self) -> int:
         """Keep the running (float) value in a new slot; returns the slot number."""
-        self.slots = getattr(self, "slots", 0) + 1
-        self.emit("save", slot=self.slots - 1)
+        self.emit("save", slot=self.slots)
+        self.slots += 1
         return self.slots - 1
 
-    def abc_layer(self, mod, name, in_shape, flat_layout):
+    def abc_layer(self, mod, name, in_shape):
         """An ABC layer: ``sum_n beta_n sum_m alpha_m op(A_n, B_m) + b`` as M x N packed binary ops.
 
         ``A_n``'s -1 bits are ``x + v_n < 0.5`` (ABC's ``sign(clip(x + v_n, 0, 1) - 0.5)``, the same
@@ -151,7 +152,7 @@ class _Builder:
             self.emit("affine", mean=np.zeros_like(bias), mul=np.ones_like(bias), add=bias)
         self.kind = "float"
 
-    def residual_block(self, mod, name, in_shape, nested):
+    def residual_block(self, mod, name, nested):
         """A Bi-Real block: ``BN(binary_conv(x)) + shortcut(x)``, shortcut = x or BN(conv1x1(avgpool(x)))."""
         convs = [c for c in nested if type(c[0]) is nn.Conv]
         qconvs = [c for c in nested if isinstance(c[0], L.QuantConv)]
@@ -411,10 +412,10 @@ def export(model: nn.Module, variables: dict, example_input) -> "PackedModel":
     flattened = None  # (H, W, C) of the last Flatten, for the dense layer right after it
     for mod, name, in_shape, _ in _outermost(calls):
         if isinstance(mod, BiRealBlock):
-            b.residual_block(mod, name, in_shape, _outermost(calls, name))
+            b.residual_block(mod, name, _outermost(calls, name))
             flattened = None
         elif isinstance(mod, (L.ABCConv, L.ABCDense)):
-            b.abc_layer(mod, name, in_shape, flattened or (1, 1, in_shape[-1]))
+            b.abc_layer(mod, name, in_shape)
             flattened = None
         elif isinstance(mod, L.Activation):
             if mod.fn not in ("relu", jax.nn.relu):
