@@ -223,14 +223,49 @@ class _Im2col:
                 row += 1
         return y.reshape(-1, kernel.shape[-1])
 
-    def packed_product(self, x, kernel):
-        """``self(x) @ kernel`` for ±1 operands, on packed bits; zero padding is corrected exactly."""
+    def packed_rows(self, x):
+        """The patches of a ±1 ``x`` on packed bits: uint32 ``(M, taps * words per tap)``, each tap's
+        channels packed into its own words; padded taps are clear bits (+1)."""
+        words = packing.extract_patches(packing.pack_bits(x), self.kernel_spatial, self.strides, self.pads)
+        return words.reshape(-1, words.shape[-1])
+
+    def packed_product(self, rows, kernel):
+        """``self(x) @ kernel`` for a ±1 kernel from ``rows = packed_rows(x)``; zero padding is corrected
+        exactly (LCE's correction: the padded taps were read as +1)."""
         kernel4 = kernel.reshape(self.kernel_spatial + (self.in_shape[-1], kernel.shape[-1]))
-        y = packing.binary_conv2d(packing.pack_bits(x), packing.pack_kernel(kernel4), kernel.shape[0],
-                                  self.kernel_spatial, self.strides, self.pads)
-        if any(p != (0, 0) for p in self.pads):
-            y = y - packing.pad_correction(kernel4, self.in_shape[1:3], self.strides, self.pads)
+        y = packing.xnor_matmul(rows, packing.pack_kernel(kernel4), kernel.shape[0])
+        if self.padded:
+            corr = packing.pad_correction(kernel4, self.in_shape[1:3], self.strides, self.pads)
+            y = (y.reshape((self.in_shape[0], -1, kernel.shape[-1])) - corr.reshape(-1, kernel.shape[-1]))
         return y.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+
+    def unpacked_transposed(self, rows, dtype):
+        """``self(x).T`` from ``rows = packed_rows(x)``: ``(K, M)`` ±1 with zeros at padded taps.
+
+        Built in the transposed layout from the (32x smaller) words, so the backward pass's
+        ``A^T @ g`` is a plain row-major matmul (XLA:CPU runs a transposed left operand through a
+        slower matmul path) and the float patches are never stored between the passes.
+        """
+        taps, c = int(np.prod(self.kernel_spatial)), self.in_shape[-1]
+        words = rows.reshape(rows.shape[0], taps, -1).transpose(1, 2, 0)  # (taps, words per tap, M)
+        a_t = packing.unpack_bits(words, c, dtype, axis=1)  # (taps, C, M)
+        if self.padded:
+            a_t = (a_t.reshape(taps, c, self.in_shape[0], -1) * self._valid_taps().astype(dtype)).astype(dtype)
+        return a_t.reshape(taps * c, -1)
+
+    @property
+    def padded(self) -> bool:
+        return any(p != (0, 0) for p in self.pads)
+
+    def _valid_taps(self):
+        """1 where a kernel tap reads a real pixel, 0 where it reads padding: (taps, 1, 1, Ho*Wo)."""
+        inside = np.pad(np.ones(self.in_shape[1:-1], np.float32), self.pads)
+        rows = []
+        for offs in np.ndindex(*self.kernel_spatial):
+            index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                          for o, d, n, s in zip(offs, self.dilation, self.out_spatial, self.strides))
+            rows.append(inside[index].reshape(-1))
+        return np.stack(rows)[:, None, None, :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,9 +277,14 @@ class _Rows:
     def __call__(self, x):
         return x.reshape(-1, self.in_shape[-1])
 
-    def packed_product(self, x, kernel):
-        y = packing.xnor_matmul(packing.pack_bits(self(x)), packing.pack_bits(kernel.T), kernel.shape[0])
-        return y.astype(jnp.float32)
+    def packed_rows(self, x):
+        return packing.pack_bits(self(x))
+
+    def packed_product(self, rows, kernel):
+        return packing.xnor_matmul(rows, packing.pack_bits(kernel.T), kernel.shape[0]).astype(jnp.float32)
+
+    def unpacked_transposed(self, rows, dtype):
+        return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
 
 
 def _packed_training() -> bool:
@@ -263,11 +303,12 @@ def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
 
         dA = g @ K^T,   dK = A^T @ g,   dx = lhs^T(dA)
 
-    in float32 with ``precision`` — the gradients of the float product, unchanged. Training a binary
-    layer this way is faster on CPU: the forward dot costs a fraction of a float32 one and the float
-    patches ``A`` are only built in the backward pass. Opt-in: under
+    in float32 with ``precision`` — the gradients of the float product, up to summation order. Training
+    a binary layer this way is faster on CPU: the forward dot costs a fraction of a float32 one, and
+    only ``A``'s packed bits are kept for the backward pass, which unpacks them straight into ``A^T``
+    (a row-major matmul operand; the float patches are never stored). Opt-in: under
     ``jax.default_matmul_precision("bfloat16")`` the two backward dots take bfloat16 operands with
-    float32 accumulation (``A`` stays exact, ``g`` is rounded), faster again on CPUs with AVX512-BF16.
+    float32 accumulation (``A`` stays exact, ``g`` is rounded).
 
     Args:
       x: float array of ±1 values (a binarized activation).
@@ -291,18 +332,25 @@ def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
 def _lhs_product(lhs, forward, precision, x, kernel):
     """``lhs(x) @ kernel`` with the forward pass computed by ``getattr(lhs, forward)`` (an exact
     alternative formulation) and the float product's backward pass."""
-    return _lhs_forward(lhs, forward, x, kernel)
+    return _lhs_forward(lhs, forward, x, kernel)[0]
 
 
 def _lhs_forward(lhs, forward, x, kernel):
+    """The product and what the backward pass needs of ``A = lhs(x)``: ``x`` itself, or for the packed
+    forms ``A``'s packed rows (32x smaller than the float patches)."""
+    if forward == "taps_product":
+        return lhs.taps_product(x, kernel), x
+    rows = lhs.packed_rows(x)
     if forward == "scaled_packed_product":
         # every entry of a column has the column's scale as its magnitude
-        return lhs.packed_product(x, jnp.where(kernel < 0, -1.0, 1.0).astype(kernel.dtype)) * jnp.abs(kernel[0])
-    return getattr(lhs, forward)(x, kernel)
+        signs = jnp.where(kernel < 0, -1.0, 1.0).astype(kernel.dtype)
+        return lhs.packed_product(rows, signs) * jnp.abs(kernel[0]), rows
+    return lhs.packed_product(rows, kernel), rows
 
 
 def _lhs_product_fwd(lhs, forward, precision, x, kernel):
-    return _lhs_forward(lhs, forward, x, kernel), (x, kernel)
+    y, a_res = _lhs_forward(lhs, forward, x, kernel)
+    return y, (a_res, kernel, jnp.zeros((), x.dtype))
 
 
 def _bfloat16_gradients(precision) -> bool:
@@ -318,21 +366,22 @@ def _materialized(fn, probe, shape, dtype):
 
 
 def _lhs_product_bwd(lhs, forward, precision, res, g):
-    x, kernel = res
-    g = g.astype(x.dtype)
-    if forward != "taps_product" and _bfloat16_gradients(precision) and x.dtype == jnp.float32:
+    a_res, kernel, x_dtype = res
+    packed = forward != "taps_product"
+    g = g.astype(x_dtype.dtype)
+    if packed and _bfloat16_gradients(precision) and x_dtype.dtype == jnp.float32:
         # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
         # products accumulated in float32: TPU's default matmul numerics
-        g16, a = g.astype(jnp.bfloat16), lhs(x)
+        g16 = g.astype(jnp.bfloat16)
         kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
-        at = _materialized(lambda: a.T.astype(jnp.bfloat16), g[0, 0], a.T.shape, jnp.bfloat16)
         da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
-        dk = jnp.dot(at, g16, preferred_element_type=jnp.float32)
+        dk = jnp.dot(lhs.unpacked_transposed(a_res, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
     else:
         da = jnp.dot(g, kernel.T, precision=precision)
-        dk = jnp.dot(lhs(x).T, g, precision=precision)
+        a_t = lhs.unpacked_transposed(a_res, g.dtype) if packed else lhs(a_res).T
+        dk = jnp.dot(a_t, g, precision=precision)
     # unused when x is the model's input: XLA drops it
-    dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x.dtype))(da)
+    dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x_dtype.dtype))(da)
     return dx, dk.astype(kernel.dtype)
 
 
@@ -371,7 +420,16 @@ def _windows(x, window):
 
 def _window_max_fwd(x, window):
     xr, axes = _windows(x, window)
-    return xr.max(axis=axes), (x, xr.max(axis=axes, keepdims=True))
+    # an elementwise maximum over the window offsets (not a reduction): XLA fuses it with the
+    # elementwise producer of x (a first layer's shifted-sum convolution) into one loop
+    y = None
+    for offs in np.ndindex(*window):
+        index = [slice(None)] * xr.ndim
+        for a, o in zip(axes, offs):
+            index[a] = o
+        v = xr[tuple(index)]
+        y = v if y is None else jnp.maximum(y, v)
+    return y, (x, jnp.expand_dims(y, axes))
 
 
 def _window_max_bwd(window, res, g):

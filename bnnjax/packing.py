@@ -64,11 +64,19 @@ def pack_bits(x, axis: int = -1):
     return jnp.sum(bits << _SHIFTS, axis=-1, dtype=jnp.uint32)
 
 
-def unpack_bits(words, k: int, dtype=jnp.float32):
-    """Inverse of :func:`pack_bits`: ±1 values of the first ``k`` bits along the last axis."""
+def unpack_bits(words, k: int, dtype=jnp.float32, axis: int = -1):
+    """Inverse of :func:`pack_bits`: ±1 values of the first ``k`` bits of the words along ``axis``.
+
+    The bits replace the word axis in place: ``(..., W)`` becomes ``(..., k)`` for ``axis=-1``, and
+    ``(W, M)`` becomes ``(k, M)`` for ``axis=0`` (a transposed unpack, written directly in that layout
+    instead of unpacking then transposing a ``32x`` larger array).
+    """
     words = jnp.asarray(words, jnp.uint32)
-    bits = (words[..., None] >> _SHIFTS) & 1
-    bits = bits.reshape(words.shape[:-1] + (-1,))[..., :k]
+    axis = axis % words.ndim
+    shifts = _SHIFTS.reshape((WORD_BITS,) + (1,) * (words.ndim - 1 - axis))
+    bits = (jnp.expand_dims(words, axis + 1) >> shifts) & 1
+    bits = bits.reshape(words.shape[:axis] + (-1,) + words.shape[axis + 1:])
+    bits = lax.slice_in_dim(bits, 0, k, axis=axis)
     return (1 - 2 * bits.astype(jnp.int32)).astype(dtype)
 
 

@@ -231,7 +231,8 @@ def test_packed_forward_training_path_equals_float_path(layer, shape, monkeypatc
     else:  # scale x integer: one rounding where the float dot rounds every partial sum
         np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        # same float32 products summed in another order (the packed path's A^T g is a row-major dot)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize("layer", [L.QuantConv(4, (3, 3), kernel_quantizer="ste_sign"),
