@@ -3,7 +3,7 @@
 Prints one JSON line: seconds_per_epoch (mean of the epochs' training time, compilation excluded by a
 warm-up call), images_per_second, test_accuracy, plus the backend and device count.
 
-    python experiments/bench_train.py --epochs 1 [--data-dir DIR] [--matmul-precision bfloat16]
+    python experiments/bench_train.py --epochs 1 [--data-dir DIR] [--matmul-precision float32]
 """
 import argparse
 import json
@@ -26,7 +26,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--steps-per-call", type=int, default=50)
     p.add_argument("--matmul-precision", default=None,
-                   help="e.g. bfloat16: jax.default_matmul_precision for the run (binary layers' backward dots)")
+                   help="jax.default_matmul_precision for the run, e.g. float32 for float32 operands in the "
+                        "binary layers' backward dots (default: bfloat16 operands on CPU)")
     a = p.parse_args(argv)
     if a.matmul_precision:
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
@@ -35,9 +36,11 @@ def main(argv=None):
     model = bnnjax.models.LarqTutorialCNN()
     tx = optax.chain(optax.adam(1e-3), bnnjax.weight_clip())
     state = train.create_train_state(model, tx, xtr[:1])
-    # warm-up: compile the full-chunk and the partial-batch programs on a throwaway copy of the state
+    # warm-up on a throwaway copy of the state: compile every program an epoch runs (a full chunk, the
+    # shorter last chunk, the partial last batch) so that no epoch's time includes compilation
     warm = jax.tree.map(jnp.copy, state)
-    n_warm = a.batch_size * a.steps_per_call + (len(xtr) % a.batch_size or a.batch_size)  # same shapes as the run
+    full = len(xtr) // a.batch_size
+    n_warm = a.batch_size * (a.steps_per_call + full % a.steps_per_call) + len(xtr) % a.batch_size
     train.fit(warm, (xtr[:n_warm], ytr[:n_warm]), (xte[:1000], yte[:1000]), epochs=1, batch_size=a.batch_size,
               steps_per_call=a.steps_per_call, progress=False)
     state, hist = train.fit(state, (xtr, ytr), (xte, yte), epochs=a.epochs, batch_size=a.batch_size,
@@ -45,9 +48,11 @@ def main(argv=None):
     sec = float(np.mean([h["epoch_seconds"] for h in hist]))
     print(json.dumps({"benchmark": "train_seed000", "dataset": a.dataset, "epochs": a.epochs,
                       "batch_size": a.batch_size, "seconds_per_epoch": round(sec, 3),
+                      "epoch_seconds": [round(h["epoch_seconds"], 3) for h in hist],
                       "images_per_second": round(len(xtr) / sec, 1), "test_accuracy": hist[-1]["test_accuracy"],
                       "backend": jax.default_backend(), "devices": jax.device_count(),
-                      "matmul_precision": a.matmul_precision}))
+                      "matmul_precision": a.matmul_precision,
+                      "binary_gradients": bnnjax.layers.binary_gradient_precision()}))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ PUBLISHED = {  # what the seed or paper reports, on MNIST unless stated
 
 def describe(r):
     bits = [f"{k}={r[k]}" for k in ("mode", "optimizer", "input_scale", "hidden", "stage_sizes", "width",
-                                     "num_weight_bases", "num_act_bases", "matmul_precision") if k in r]
+                                     "num_weight_bases", "num_act_bases", "matmul_precision", "binary_gradients") if k in r]
     return ", ".join(str(b) for b in bits)
 
 

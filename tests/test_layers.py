@@ -222,10 +222,11 @@ def test_packed_forward_training_path_equals_float_path(layer, shape, monkeypatc
     v = layer.init(jax.random.key(1), x)
     jaxpr = str(jax.make_jaxpr(layer.apply)(v, x))
     assert "population_count" in jaxpr  # the packed path is the one taken
-    y, g = _loss_and_grads(layer, v, x)
-    monkeypatch.setattr(L, "_sign_operands", lambda *a: False)
-    assert "population_count" not in str(jax.make_jaxpr(layer.apply)(v, x))
-    y_ref, g_ref = _loss_and_grads(layer, v, x)
+    with jax.default_matmul_precision("float32"):  # float32 gradients (the default rounds g to bf16)
+        y, g = _loss_and_grads(layer, v, x)
+        monkeypatch.setattr(L, "_sign_operands", lambda *a: False)
+        assert "population_count" not in str(jax.make_jaxpr(layer.apply)(v, x))
+        y_ref, g_ref = _loss_and_grads(layer, v, x)
     if layer.kernel_quantizer == "ste_sign":
         np.testing.assert_array_equal(y, y_ref)
     else:  # scale x integer: one rounding where the float dot rounds every partial sum
@@ -264,19 +265,25 @@ def test_short_contraction_conv_sums_taps_and_equals_dot_path(layer, shape, monk
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layer,shape", [PACKED_CASES[2], PACKED_CASES[6]])
-def test_bfloat16_matmul_precision_gives_bfloat16_gradients_and_the_same_forward(layer, shape):
-    """Under ``jax.default_matmul_precision("bfloat16")`` the binary layers' backward dots round the
-    cotangent to bfloat16 (opt-in, TPU's default numerics): same values, gradients within bf16 error."""
+@pytest.mark.parametrize("layer,shape", [PACKED_CASES[2], PACKED_CASES[3], PACKED_CASES[6], PACKED_CASES[7]])
+def test_default_gradients_are_bfloat16_and_float32_is_one_setting_away(layer, shape):
+    """At JAX's default matmul precision the packed layers' backward dots round the cotangent to
+    bfloat16 (TPU's DEFAULT numerics): same forward values, gradients within bf16 error of float32 and
+    not equal to them. ``jax.default_matmul_precision("float32")`` and a layer's ``precision=HIGHEST``
+    both give the float32 gradients."""
     x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
     v = layer.init(jax.random.key(1), x)
-    y, g = _loss_and_grads(layer, v, x)
-    with jax.default_matmul_precision("bfloat16"):
-        y16, g16 = _loss_and_grads(layer, v, x)
+    assert L.binary_gradient_precision() == "bfloat16"
+    y16, g16 = _loss_and_grads(layer, v, x)
+    with jax.default_matmul_precision("float32"):
+        assert L.binary_gradient_precision() == "float32"
+        y, g = _loss_and_grads(layer, v, x)
+    y_hi, g_hi = _loss_and_grads(layer.clone(precision=jax.lax.Precision.HIGHEST), v, x)
     np.testing.assert_array_equal(y, y16)
     differs = False
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g16)):
+    for a, b, c in zip(jax.tree.leaves(g), jax.tree.leaves(g16), jax.tree.leaves(g_hi)):
         scale = float(jnp.abs(a).max())
         np.testing.assert_allclose(b, a, atol=2e-2 * scale)
+        np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-6 * scale)
         differs |= not np.array_equal(a, b)
     assert differs  # the bfloat16 path was taken

@@ -56,16 +56,16 @@ def test_fit_learns_logs_and_checkpoints(tmp_path):
     x, y = data()
     xt, yt = data(100, seed=1)
     rows = []
-    state, hist = train.fit(new_state(), (x, y), (xt, yt), epochs=4, batch_size=32, workdir=tmp_path,
+    state, hist = train.fit(new_state(), (x, y), (xt, yt), epochs=6, batch_size=32, workdir=tmp_path,
                             steps_per_call=4, progress=False, log_fn=rows.append)
-    assert len(hist) == 4 and rows == hist
+    assert len(hist) == 6 and rows == hist
     lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lines == hist
     keys = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
             "images_per_second", "flip_ratio", "learning_rate"}
     assert keys <= set(lines[0])
     assert lines[0]["learning_rate"] == pytest.approx(3e-3)
-    assert int(state.step) == 4 * 7  # 6 full batches + the partial one, every epoch
+    assert int(state.step) == 6 * 7  # 6 full batches + the partial one, every epoch
     assert hist[-1]["test_accuracy"] > 0.8 and hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert 0 <= hist[0]["flip_ratio"] <= 1
     assert (tmp_path / "checkpoint.msgpack").exists()
