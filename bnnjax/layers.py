@@ -310,8 +310,8 @@ def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
 
     Precision of the backward dots: at JAX's default matmul precision their operands are bfloat16 —
     ``A`` and a ±1 ``K`` are exact, the cotangent ``g`` (and a scaled kernel's column scale) are
-    rounded to 8 significant bits, TPU's ``DEFAULT`` numerics; about 30 % faster training on the CPU
-    this was measured on. ``jax.default_matmul_precision("float32")`` or a float32 ``precision``
+    rounded to 8 significant bits, TPU's ``DEFAULT`` numerics; about 20 % faster training on the
+    CPU this was measured on. ``jax.default_matmul_precision("float32")`` or a float32 ``precision``
     (``HIGH``/``HIGHEST``) gives float32 operands: the float product's gradients up to summation
     order.
 
