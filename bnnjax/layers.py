@@ -250,7 +250,7 @@ class _Im2col:
         words = rows.reshape(rows.shape[0], taps, -1).transpose(1, 2, 0)  # (taps, words per tap, M)
         a_t = packing.unpack_bits(words, c, dtype, axis=1)  # (taps, C, M)
         if self.padded:
-            a_t = (a_t.reshape(taps, c, self.in_shape[0], -1) * self._valid_taps().astype(dtype)).astype(dtype)
+            a_t = a_t.reshape(taps, c, self.in_shape[0], -1) * jnp.asarray(self._valid_taps(), dtype)
         return a_t.reshape(taps * c, -1)
 
     @property
@@ -318,8 +318,9 @@ def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
     Args:
       x: float array of ±1 values (a binarized activation).
       kernel: (K, N) float array of ±1 values (of ±s[n] in column n with ``scaled=True``).
-      lhs: a linear map from ``x`` to the (M, K) left operand with a ``packed_product`` method (im2col
-        for a convolution); default: flatten every axis but the last.
+      lhs: a linear map from ``x`` to the (M, K) left operand with ``packed_rows``, ``packed_product``
+        and ``unpacked_transposed`` methods (im2col for a convolution); default: flatten every axis
+        but the last.
       precision: ``jax.lax.Precision`` of the backward dots (``None`` follows
         ``jax.default_matmul_precision``).
       scaled: the kernel is a per-column scale times ±1.
@@ -336,8 +337,9 @@ def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _lhs_product(lhs, forward, precision, x, kernel):
-    """``lhs(x) @ kernel`` with the forward pass computed by ``getattr(lhs, forward)`` (an exact
-    alternative formulation) and the float product's backward pass."""
+    """``lhs(x) @ kernel`` with the forward pass computed as ``forward`` names (``"packed_product"``,
+    ``"scaled_packed_product"``, ``"taps_product"``: exact alternative formulations, see
+    :func:`_lhs_forward`) and the float product's backward pass."""
     return _lhs_forward(lhs, forward, x, kernel)[0]
 
 
