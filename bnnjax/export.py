@@ -42,6 +42,7 @@ from bnnjax import layers as L
 from bnnjax import packing as pk
 from bnnjax import quantizers
 from bnnjax.models import BiRealBlock
+from bnnjax.ops import conv_nd, max_pool
 
 __all__ = ["export", "PackedModel", "save_packed", "load_packed", "ExportError", "FORMAT"]
 
@@ -497,7 +498,7 @@ def _run(ops, x):
         elif kind == "fconv":
             w = op["kernel"] if "kernel" in op else pk.unpack_bits(op["kernel_bits"], int(np.prod(op["shape"][:3]))).T
             w = w.reshape(op["shape"])
-            v = L.conv_nd(v, w, strides=tuple(op["strides"]), padding=[tuple(p) for p in op["pads"]],
+            v = conv_nd(v, w, strides=tuple(op["strides"]), padding=[tuple(p) for p in op["pads"]],
                           pad_values=op["pad_values"])
         elif kind == "fdense":
             w = op["kernel"] if "kernel" in op else pk.unpack_bits(op["kernel_bits"], op["shape"][0]).T
@@ -521,7 +522,7 @@ def _run(ops, x):
         elif kind == "pack":
             v = pk.pack_bits(v, axis=-1)
         elif kind == "maxpool":
-            v = L.max_pool(v, tuple(op["window"]), tuple(op["strides"]))
+            v = max_pool(v, tuple(op["window"]), tuple(op["strides"]))
         elif kind == "maxpool_bits":
             v = _maxpool_words(v, tuple(op["window"]), tuple(op["strides"]), op["and_mask"])
         elif kind == "flatten":

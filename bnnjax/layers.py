@@ -9,8 +9,6 @@ parameter name.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable, Sequence, Union
 
 import jax
@@ -20,12 +18,12 @@ from flax import struct
 from flax.core import meta
 from flax import linen as nn
 
-from bnnjax import _padding, packing, quantizers
+from bnnjax import ops, quantizers
 
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
-    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "conv_nd", "max_pool", "MaxPool", "Flatten",
-    "GlobalAvgPool", "Activation", "xnor_product", "binary_gradient_precision",
+    "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "MaxPool", "Flatten",
+    "GlobalAvgPool", "Activation",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -106,20 +104,9 @@ def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
 
 def _sign_operands(qi: quantizers.Quantizer, qk: quantizers.Quantizer, x) -> bool:
     """±1 inputs, a (per-channel scaled) ±1 kernel and float32 on CPU: the case where the forward pass
-    runs on packed bits (:func:`xnor_product`)."""
+    runs on packed bits (:func:`bnnjax.ops.xnor_product`)."""
     return (qi.values == "signs" and qk.values in ("signs", "scaled_signs") and x.dtype == jnp.float32
-            and _packed_training())
-
-
-def _tuple(v, n: int, what: str) -> tuple[int, ...]:
-    if v is None:
-        return (1,) * n
-    if isinstance(v, int):
-        return (v,) * n
-    v = tuple(v)
-    if len(v) != n:
-        raise ValueError(f"{what} must be an int or a sequence of {n} ints, got {v!r}.")
-    return v
+            and ops.packed_training())
 
 
 def _check_rank(name: str, x, rank: int, layout: str):
@@ -128,371 +115,11 @@ def _check_rank(name: str, x, rank: int, layout: str):
                          "add a batch axis with x[None] or reshape the input.")
 
 
-def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, kernel_dilation=1,
-            feature_group_count=1, precision=None, signs=False, scaled=False):
-    """N-d convolution in channels-last layout with a constant padding value.
-
-    ``pad_values=1.0`` pads a ±1 input with +1 ("one-padding"), which keeps every input of a binary
-    convolution binary; ``0.0`` is Flax's (and TensorFlow's) zero padding. ``signs=True`` declares
-    that ``x`` holds only -1 and +1 and ``kernel`` too (times a non-negative per-output-channel scale
-    with ``scaled=True``), which lets a 2-D convolution on CPU run its forward pass on packed bits
-    (:func:`xnor_product`).
-    """
-    n = kernel.ndim - 2
-    strides = _tuple(strides, n, "strides")
-    kdil = _tuple(kernel_dilation, n, "kernel_dilation")
-    idil = _tuple(input_dilation, n, "input_dilation")
-    pads = _padding.resolve(padding, x.shape[1:-1], kernel.shape[:n], strides, kdil)
-    if pad_values != 0.0 and any(p != (0, 0) for p in pads):
-        x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=pad_values)
-        pads = ((0, 0),) * n
-    if _use_patches_conv(x, kernel, idil, feature_group_count):
-        im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
-        k2 = kernel.reshape(-1, kernel.shape[-1])
-        if signs and im2col.packable and pad_values in (-1.0, 0.0, 1.0):
-            y = xnor_product(x, k2, im2col, precision, scaled)
-        elif k2.shape[0] <= _TAPS_MAX_K and x.dtype == jnp.float32:
-            y = _lhs_product(im2col, "taps_product", precision, x, k2)
-        else:
-            y = jnp.dot(im2col(x), k2, precision=precision)
-        return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
-    return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
-                                        dimension_numbers=dn, feature_group_count=feature_group_count,
-                                        precision=precision)
-
-
-# Contraction length up to which a CPU convolution sums shifted inputs instead of calling a dot.
-_TAPS_MAX_K = 16
-
-
-def _use_patches_conv(x, kernel, input_dilation, groups) -> bool:
-    # XLA:CPU's convolution backward is several times slower than a dot on the same data; GPUs and
-    # TPUs have fast native convolutions. Chosen at trace time from the default backend.
-    return (jax.default_backend() == "cpu" and groups == 1 and all(d == 1 for d in input_dilation)
-            and int(np.prod(kernel.shape[:-2])) > 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Im2col:
-    """The patches of a convolution as a (pixels, kernel taps x channels) matrix, by strided slicing.
-
-    A linear map of ``x``: its transpose (slices become pads, the concatenation a split) is a cheap
-    pad-and-add, so a convolution's backward pass is two dots plus adds — faster on CPU than XLA's
-    convolution backward.
-    """
-
-    in_shape: tuple[int, ...]
-    kernel_spatial: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[tuple[int, int], ...]
-    dilation: tuple[int, ...]
-
-    @property
-    def out_spatial(self) -> tuple[int, ...]:
-        return tuple((i + lo + hi - (k - 1) * d - 1) // s + 1 for i, (lo, hi), k, d, s in
-                     zip(self.in_shape[1:-1], self.pads, self.kernel_spatial, self.dilation, self.strides))
-
-    @property
-    def packable(self) -> bool:
-        return len(self.kernel_spatial) == 2 and all(d == 1 for d in self.dilation)
-
-    def taps(self, x):
-        """The input window under each kernel tap (row-major), each of shape (N, *out_spatial, C)."""
-        if any(p != (0, 0) for p in self.pads):
-            x = jnp.pad(x, ((0, 0),) + self.pads + ((0, 0),))
-        for offs in np.ndindex(*self.kernel_spatial):
-            start = (0,) + tuple(o * d for o, d in zip(offs, self.dilation)) + (0,)
-            limit = ((x.shape[0],) + tuple(st + (o - 1) * s + 1 for st, o, s in
-                                           zip(start[1:-1], self.out_spatial, self.strides)) + (x.shape[-1],))
-            yield jax.lax.slice(x, start, limit, (1,) + self.strides + (1,))
-
-    def __call__(self, x):
-        patches = jnp.concatenate(list(self.taps(x)), axis=-1)
-        return patches.reshape(-1, patches.shape[-1])
-
-    def taps_product(self, x, kernel):
-        """``self(x) @ kernel`` as a sum over kernel taps and input channels of shifted inputs times
-        kernel rows: elementwise work XLA fuses into one loop, where a dot with a short contraction
-        (a first layer's 3x3x1) runs far below the matmul units' speed."""
-        y, row = None, 0
-        for tap in self.taps(x):
-            for c in range(tap.shape[-1]):
-                term = tap[..., c:c + 1] * kernel[row]
-                y = term if y is None else y + term
-                row += 1
-        return y.reshape(-1, kernel.shape[-1])
-
-    def packed_rows(self, x):
-        """The patches of a ±1 ``x`` on packed bits: uint32 ``(M, taps * words per tap)``, each tap's
-        channels packed into its own words; padded taps are clear bits (+1)."""
-        words = packing.extract_patches(packing.pack_bits(x), self.kernel_spatial, self.strides, self.pads)
-        return words.reshape(-1, words.shape[-1])
-
-    def packed_product(self, rows, kernel):
-        """``self(x) @ kernel`` for a ±1 kernel from ``rows = packed_rows(x)``; zero padding is corrected
-        exactly (LCE's correction: the padded taps were read as +1)."""
-        kernel4 = kernel.reshape(self.kernel_spatial + (self.in_shape[-1], kernel.shape[-1]))
-        y = packing.xnor_matmul(rows, packing.pack_kernel(kernel4), kernel.shape[0])
-        if self.padded:
-            corr = packing.pad_correction(kernel4, self.in_shape[1:3], self.strides, self.pads)
-            y = (y.reshape((self.in_shape[0], -1, kernel.shape[-1])) - corr.reshape(-1, kernel.shape[-1]))
-        return y.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
-
-    def unpacked_transposed(self, rows, dtype):
-        """``self(x).T`` from ``rows = packed_rows(x)``: ``(K, M)`` ±1 with zeros at padded taps.
-
-        Built in the transposed layout from the (32x smaller) words, so the backward pass's
-        ``A^T @ g`` is a plain row-major matmul (XLA:CPU runs a transposed left operand through a
-        slower matmul path) and the float patches are never stored between the passes.
-        """
-        taps, c = int(np.prod(self.kernel_spatial)), self.in_shape[-1]
-        words = rows.reshape(rows.shape[0], taps, -1).transpose(1, 2, 0)  # (taps, words per tap, M)
-        a_t = packing.unpack_bits(words, c, dtype, axis=1)  # (taps, C, M)
-        if self.padded:
-            a_t = a_t.reshape(taps, c, self.in_shape[0], -1) * jnp.asarray(self._valid_taps(), dtype)
-        return a_t.reshape(taps * c, -1)
-
-    @property
-    def padded(self) -> bool:
-        return any(p != (0, 0) for p in self.pads)
-
-    def _valid_taps(self):
-        """1 where a kernel tap reads a real pixel, 0 where it reads padding: (taps, 1, 1, Ho*Wo)."""
-        inside = np.pad(np.ones(self.in_shape[1:-1], np.float32), self.pads)
-        rows = []
-        for offs in np.ndindex(*self.kernel_spatial):
-            index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
-                          for o, d, n, s in zip(offs, self.dilation, self.out_spatial, self.strides))
-            rows.append(inside[index].reshape(-1))
-        return np.stack(rows)[:, None, None, :]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rows:
-    """``x`` of shape (..., K) as a (rows, K) matrix: the left operand of a dense layer."""
-
-    in_shape: tuple[int, ...]
-
-    def __call__(self, x):
-        return x.reshape(-1, self.in_shape[-1])
-
-    def packed_rows(self, x):
-        return packing.pack_bits(self(x))
-
-    def packed_product(self, rows, kernel):
-        return packing.xnor_matmul(rows, packing.pack_bits(kernel.T), kernel.shape[0]).astype(jnp.float32)
-
-    def unpacked_transposed(self, rows, dtype):
-        return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
-
-
-def _packed_training() -> bool:
-    # Measured faster than the float32 dot on CPU only; on GPUs/TPUs the packed kernel would be an
-    # int8 dot, untimed against their float units here, so they keep the float path.
-    return packing.backend_kernel() == "popcount"
-
-
-def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
-    """``lhs(x) @ kernel`` for ±1 operands: forward on packed bits (XNOR-popcount), backward in float.
-
-    Forward: ``pack(A) XNOR-popcount pack(K)`` with ``A = lhs(x)``, exactly equal to the float32
-    product (integers up to 2**24); with ``scaled=True`` the kernel is ``K * s`` (``s >= 0`` per
-    column, XNOR-Net's and Bi-Real's kernels) and the integer product is multiplied by ``s``. Backward
-    (``g`` the cotangent of the product)::
-
-        dA = g @ K^T,   dK = A^T @ g,   dx = lhs^T(dA)
-
-    with float32 accumulation — the gradients of the float product. Training a binary layer this way is
-    faster on CPU: the forward dot costs a fraction of a float32 one, and only ``A``'s packed bits are
-    kept for the backward pass, which unpacks them straight into ``A^T`` (a row-major matmul operand;
-    the float patches are never stored).
-
-    Precision of the backward dots: at JAX's default matmul precision their operands are bfloat16 —
-    ``A`` and a ±1 ``K`` are exact, the cotangent ``g`` (and a scaled kernel's column scale) are
-    rounded to 8 significant bits, TPU's ``DEFAULT`` numerics; about 20 % faster training on the
-    CPU this was measured on. ``jax.default_matmul_precision("float32")`` or a float32 ``precision``
-    (``HIGH``/``HIGHEST``) gives float32 operands: the float product's gradients up to summation
-    order.
-
-    Args:
-      x: float array of ±1 values (a binarized activation).
-      kernel: (K, N) float array of ±1 values (of ±s[n] in column n with ``scaled=True``).
-      lhs: a linear map from ``x`` to the (M, K) left operand with ``packed_rows``, ``packed_product``
-        and ``unpacked_transposed`` methods (im2col for a convolution); default: flatten every axis
-        but the last.
-      precision: ``jax.lax.Precision`` of the backward dots (``None`` follows
-        ``jax.default_matmul_precision``).
-      scaled: the kernel is a per-column scale times ±1.
-
-    Returns:
-      float32 (M, N).
-
-    Reference: Rastegari et al., "XNOR-Net", ECCV 2016 (arXiv:1603.05279), for the XNOR-popcount
-    product; the straight-through gradients come from the quantizers.
-    """
-    lhs = _Rows(tuple(x.shape)) if lhs is None else lhs
-    return _lhs_product(lhs, "scaled_packed_product" if scaled else "packed_product", precision, x, kernel)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _lhs_product(lhs, forward, precision, x, kernel):
-    """``lhs(x) @ kernel`` with the forward pass computed as ``forward`` names (``"packed_product"``,
-    ``"scaled_packed_product"``, ``"taps_product"``: exact alternative formulations, see
-    :func:`_lhs_forward`) and the float product's backward pass."""
-    return _lhs_forward(lhs, forward, x, kernel)[0]
-
-
-def _lhs_forward(lhs, forward, x, kernel):
-    """The product and what the backward pass needs of ``A = lhs(x)``: ``x`` itself, or for the packed
-    forms ``A``'s packed rows (32x smaller than the float patches)."""
-    if forward == "taps_product":
-        return lhs.taps_product(x, kernel), x
-    rows = lhs.packed_rows(x)
-    if forward == "scaled_packed_product":
-        # every entry of a column has the column's scale as its magnitude
-        signs = jnp.where(kernel < 0, -1.0, 1.0).astype(kernel.dtype)
-        return lhs.packed_product(rows, signs) * jnp.abs(kernel[0]), rows
-    return lhs.packed_product(rows, kernel), rows
-
-
-def _lhs_product_fwd(lhs, forward, precision, x, kernel):
-    y, a_res = _lhs_forward(lhs, forward, x, kernel)
-    return y, (a_res, kernel, jnp.zeros((), x.dtype))
-
-
-_BFLOAT16_SETTINGS = (None, "default", "bfloat16", "BF16_BF16_F32")
-
-
-def _bfloat16_gradients(precision) -> bool:
-    """Whether the packed layers' backward dots take bfloat16 operands: at JAX's default matmul
-    precision (what ``DEFAULT`` means on TPU), unless a float32 precision is asked for globally
-    (``jax.default_matmul_precision("float32")``, ``JAX_DEFAULT_MATMUL_PRECISION=float32``) or per
-    layer (``precision=jax.lax.Precision.HIGHEST``)."""
-    if precision is not None and jax.lax.Precision(precision) != jax.lax.Precision.DEFAULT:
-        return False
-    return jax.config.jax_default_matmul_precision in _BFLOAT16_SETTINGS
-
-
-def binary_gradient_precision(precision=None) -> str:
-    """``"bfloat16"`` or ``"float32"``: the operands of the backward dots of a ±1 layer under the
-    current settings (bfloat16 only where the forward pass runs on packed bits, i.e. on CPU)."""
-    return "bfloat16" if _packed_training() and _bfloat16_gradients(precision) else "float32"
-
-
-def _materialized(fn, probe, shape, dtype):
-    # a transposed operand XLA cannot fold back into the dot: folded, the bfloat16 dot gets a layout
-    # XLA:CPU's matmul library lacks and is silently upcast to float32
-    return packing._unfused(fn, jax.lax.bitcast_convert_type(probe, jnp.uint32), shape, dtype)
-
-
-def _lhs_product_bwd(lhs, forward, precision, res, g):
-    a_res, kernel, x_dtype = res
-    packed = forward != "taps_product"
-    g = g.astype(x_dtype.dtype)
-    if packed and _bfloat16_gradients(precision) and x_dtype.dtype == jnp.float32:
-        # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
-        # products accumulated in float32: TPU's default matmul numerics
-        g16 = g.astype(jnp.bfloat16)
-        kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
-        da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
-        dk = jnp.dot(lhs.unpacked_transposed(a_res, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
-    else:
-        da = jnp.dot(g, kernel.T, precision=precision)
-        a_t = lhs.unpacked_transposed(a_res, g.dtype) if packed else lhs(a_res).T
-        dk = jnp.dot(a_t, g, precision=precision)
-    # unused when x is the model's input: XLA drops it
-    dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x_dtype.dtype))(da)
-    return dx, dk.astype(kernel.dtype)
-
-
-_lhs_product.defvjp(_lhs_product_fwd, _lhs_product_bwd)
-
-
-def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: str = "VALID"):
-    """Max pooling, ``flax.linen.max_pool``'s signature, with a fast path for VALID, window == stride.
-
-    Non-overlapping windows become a reshape and a max over the window axes. The gradient goes to the
-    first maximal element of each window (row-major), as XLA's select-and-scatter (``nn.max_pool``)
-    and TensorFlow route it — ties are common on the integer outputs of binary layers — but costs a
-    compare-and-select instead of select-and-scatter, which is several times slower on CPU. Other
-    cases call ``nn.max_pool``.
-    """
-    strides = tuple(window_shape) if strides is None else tuple(strides)
-    window_shape = tuple(window_shape)
-    if padding != "VALID" or strides != window_shape:
-        return nn.max_pool(x, window_shape, strides, padding)
-    return _window_max(x, window_shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _window_max(x, window):
-    return _window_max_fwd(x, window)[0]
-
-
-def _windows(x, window):
-    """Crop to whole windows and split each pooled axis into (out, window)."""
-    n = len(window)
-    out = [s // w for s, w in zip(x.shape[1:1 + n], window)]
-    x = x[(slice(None),) + tuple(slice(0, o * w) for o, w in zip(out, window))]
-    shape = (x.shape[0],) + tuple(v for o, w in zip(out, window) for v in (o, w)) + x.shape[1 + n:]
-    return x.reshape(shape), tuple(2 + 2 * i for i in range(n))
-
-
-def _window_max_fwd(x, window):
-    xr, axes = _windows(x, window)
-    # an elementwise maximum over the window offsets (not a reduction): XLA fuses it with the
-    # elementwise producer of x (a first layer's shifted-sum convolution) into one loop
-    y = None
-    for offs in np.ndindex(*window):
-        index = [slice(None)] * xr.ndim
-        for a, o in zip(axes, offs):
-            index[a] = o
-        v = xr[tuple(index)]
-        y = v if y is None else jnp.maximum(y, v)
-    return y, (x, jnp.expand_dims(y, axes))
-
-
-def _window_max_bwd(window, res, g):
-    x, y = res
-    xr, axes = _windows(x, window)
-    hit = xr == y
-    # Route g to the first hit of each window in row-major order. A running "seen" mask over the
-    # window offsets is elementwise and fuses; a cumsum over the window lowers to a slow reduce-window.
-    seen = None
-    parts = []
-    for offs in np.ndindex(*window):
-        index = [slice(None)] * xr.ndim
-        for a, o in zip(axes, offs):
-            index[a] = slice(o, o + 1)
-        h = hit[tuple(index)]
-        first = h if seen is None else h & ~seen
-        seen = h if seen is None else seen | h
-        parts.append(jnp.where(first, jnp.expand_dims(g, axes), jnp.zeros((), g.dtype)))
-    gr = _assemble_windows(parts, window, axes)
-    n = len(window)
-    gx = gr.reshape((x.shape[0],) + tuple(o * w for o, w in zip(g.shape[1:1 + n], window)) + x.shape[1 + n:])
-    # windows cropped away at odd sizes get no gradient
-    pads = [(0, 0)] + [(0, s - d) for s, d in zip(x.shape[1:1 + n], gx.shape[1:1 + n])] + [(0, 0)] * (x.ndim - 1 - n)
-    return (jnp.pad(gx, pads),)
-
-
-def _assemble_windows(parts, window, axes):
-    """Inverse of indexing one offset per window: concatenate the per-offset pieces back along the
-    window axes, last axis innermost (row-major offsets)."""
-    for a, w in reversed(list(zip(axes, window))):
-        parts = [jnp.concatenate(parts[i:i + w], axis=a) for i in range(0, len(parts), w)]
-    return parts[0]
-
-
-_window_max.defvjp(_window_max_fwd, _window_max_bwd)
-
-
 class MaxPool(nn.Module):
     """Max pooling as a module (Keras' ``MaxPooling2D``), so exporters and summaries see it.
 
     Same arguments as ``flax.linen.max_pool``; non-overlapping VALID windows take the fast path of
-    :func:`max_pool`.
+    :func:`bnnjax.ops.max_pool`.
     """
 
     window_shape: Sequence[int]
@@ -501,7 +128,7 @@ class MaxPool(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return max_pool(x, self.window_shape, self.strides, self.padding)
+        return ops.max_pool(x, self.window_shape, self.strides, self.padding)
 
 
 class Flatten(nn.Module):
@@ -542,8 +169,6 @@ class GlobalAvgPool(nn.Module):
         return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
-_DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
-
 
 class QuantDense(nn.Module):
     """A dense layer with quantized inputs and kernel: ``y = q_in(x) @ q_k(W) + b``.
@@ -577,7 +202,7 @@ class QuantDense(nn.Module):
         x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
         if _sign_operands(qi, qk, x):
-            y = xnor_product(x, k, precision=self.precision, scaled=qk.values == "scaled_signs")
+            y = ops.xnor_product(x, k, precision=self.precision, scaled=qk.values == "scaled_signs")
             y = y.reshape(x.shape[:-1] + (self.features,))
         else:
             y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
@@ -593,7 +218,7 @@ class _ConvMixin:
         bias = self.param("bias", self.bias_init, (out_features,), self.param_dtype) if self.use_bias else None
         x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
-        y = conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
+        y = ops.conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
                     input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
                     feature_group_count=groups, precision=self.precision,
                     signs=_sign_operands(qi, qk, x), scaled=qk.values == "scaled_signs")
@@ -806,8 +431,8 @@ class ABCConv(nn.Module, _ABCMixin):
         inputs = jnp.asarray(inputs)
         ks = tuple(self.kernel_size)
         _check_rank("ABCConv", inputs, len(ks) + 2, "batch, *spatial, channels")
-        conv = lambda x, w: conv_nd(x, w, strides=self.strides, padding=self.padding,
-                                    kernel_dilation=self.kernel_dilation, precision=self.precision)
+        conv = lambda x, w: ops.conv_nd(x, w, strides=self.strides, padding=self.padding,
+                                        kernel_dilation=self.kernel_dilation, precision=self.precision)
         return self._approx(inputs, ks + (inputs.shape[-1], self.features), conv)
 
 

@@ -433,7 +433,7 @@ class Quantizer:
       values: what the outputs are known to be: ``"signs"`` (exactly -1 or +1), ``"scaled_signs"``
         (a non-negative scale per last-axis channel times ±1) or None. A layer with a "signs" input
         quantizer and a "signs" or "scaled_signs" kernel quantizer computes its forward pass on packed
-        bits (``bnnjax.layers.xnor_product``).
+        bits (``bnnjax.ops.xnor_product``).
     """
 
     name: str

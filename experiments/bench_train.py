@@ -52,7 +52,7 @@ def main(argv=None):
                       "images_per_second": round(len(xtr) / sec, 1), "test_accuracy": hist[-1]["test_accuracy"],
                       "backend": jax.default_backend(), "devices": jax.device_count(),
                       "matmul_precision": a.matmul_precision,
-                      "binary_gradients": bnnjax.layers.binary_gradient_precision()}))
+                      "binary_gradients": bnnjax.ops.binary_gradient_precision()}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from flax import linen as nn
 
 import bnnjax
 from bnnjax import layers as L
+from bnnjax import ops
 from bnnjax import quantizers as q
 
 KEY = jax.random.key(0)
@@ -179,19 +180,6 @@ def test_public_api_reexports():
     assert bnnjax.QuantConv is L.QuantConv and bnnjax.ste_sign is q.ste_sign
 
 
-@pytest.mark.parametrize("shape,window", [((2, 6, 6, 3), (2, 2)), ((1, 7, 5, 2), (2, 2)), ((2, 9, 3), (3,)),
-                                          ((1, 6, 9, 2), (3, 3))])
-def test_fast_max_pool_matches_flax_values_and_first_max_gradient(shape, window):
-    x = jnp.asarray(np.random.default_rng(0).integers(-3, 3, shape).astype(np.float32))  # ties everywhere
-    y = L.max_pool(x, window)
-    np.testing.assert_array_equal(y, nn.max_pool(x, window, window))
-    g = jax.random.normal(KEY, y.shape)
-    ours = jax.vjp(lambda v: L.max_pool(v, window), x)[1](g)[0]
-    flax_grad = jax.vjp(lambda v: nn.max_pool(v, window, window), x)[1](g)[0]
-    np.testing.assert_array_equal(ours, flax_grad)
-    assert L.MaxPool(window).apply({}, x).shape == y.shape
-
-
 PACKED_CASES = [
     (L.QuantDense(6, **BIN), (4, 3, 37)),
     (L.QuantDense(5, **BIN), (1, 64)),
@@ -258,7 +246,7 @@ def test_short_contraction_conv_sums_taps_and_equals_dot_path(layer, shape, monk
     x = jax.random.normal(KEY, shape)
     v = layer.init(jax.random.key(1), x)
     y, g = _loss_and_grads(layer, v, x)
-    monkeypatch.setattr(L, "_TAPS_MAX_K", 0)
+    monkeypatch.setattr(ops, "_TAPS_MAX_K", 0)
     y_ref, g_ref = _loss_and_grads(layer, v, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
@@ -273,10 +261,10 @@ def test_default_gradients_are_bfloat16_and_float32_is_one_setting_away(layer, s
     both give the float32 gradients."""
     x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
     v = layer.init(jax.random.key(1), x)
-    assert L.binary_gradient_precision() == "bfloat16"
+    assert ops.binary_gradient_precision() == "bfloat16"
     y16, g16 = _loss_and_grads(layer, v, x)
     with jax.default_matmul_precision("float32"):
-        assert L.binary_gradient_precision() == "float32"
+        assert ops.binary_gradient_precision() == "float32"
         y, g = _loss_and_grads(layer, v, x)
     y_hi, g_hi = _loss_and_grads(layer.clone(precision=jax.lax.Precision.HIGHEST), v, x)
     np.testing.assert_array_equal(y, y16)
