@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from bnnjax import datasets, export, layers, summary, train
+from bnnjax import datasets, export, ops, summary, train
 
 __all__ = ["Config", "cli", "run", "load_data", "steps_per_epoch"]
 
@@ -116,7 +116,7 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
               **(extra or {})}
     if jax.config.jax_default_matmul_precision is not None:
         result["matmul_precision"] = jax.config.jax_default_matmul_precision
-    result["binary_gradients"] = layers.binary_gradient_precision()
+    result["binary_gradients"] = ops.binary_gradient_precision()
     if getattr(config, "export", False):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         packed = export.export(model, variables, xt[:min(len(xt), 1000)])
