@@ -23,7 +23,7 @@ from bnnjax import ops, quantizers
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
     "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "MaxPool", "Flatten",
-    "GlobalAvgPool", "Activation",
+    "GlobalAvgPool", "Activation", "keras_batch_norm", "PReLU", "FixedDepthwiseConv2D", "blurpool_initializer",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -167,6 +167,78 @@ class GlobalAvgPool(nn.Module):
             raise ValueError(f"GlobalAvgPool expects inputs of rank >= 3 (batch, *spatial, channels), got shape "
                              f"{tuple(x.shape)}.")
         return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+def keras_batch_norm(train: bool, use_scale: bool = True, use_bias: bool = True, momentum: float = 0.99,
+                     epsilon: float = 1e-3, name: str | None = None) -> nn.BatchNorm:
+    """``nn.BatchNorm`` with Keras' defaults (momentum 0.99, epsilon 1e-3), as Larq models use.
+
+    ``use_scale``/``use_bias`` are Keras' ``scale``/``center``.
+    """
+    return nn.BatchNorm(use_running_average=not train, use_scale=use_scale, use_bias=use_bias,
+                        momentum=momentum, epsilon=epsilon, name=name)
+
+
+class PReLU(nn.Module):
+    """Keras' ``PReLU``: ``y = max(x, 0) + alpha * min(x, 0)`` with a learned ``alpha`` per position.
+
+    ``alpha`` has the input's shape without the batch axis, reduced to 1 along ``shared_axes``
+    (axes counted with the batch axis first, as in Keras: ``shared_axes=(1, 2)`` gives one alpha per
+    channel of an NHWC input, shape ``(1, 1, C)``).
+
+    Reference: He et al., "Delving Deep into Rectifiers", ICCV 2015.
+    """
+
+    shared_axes: Sequence[int] = ()
+    alpha_init: Callable = nn.initializers.zeros_init()
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = [1 if i + 1 in tuple(self.shared_axes) else d for i, d in enumerate(x.shape[1:])]
+        alpha = self.param("alpha", self.alpha_init, tuple(shape), self.param_dtype)
+        return jnp.maximum(x, 0) + alpha.astype(x.dtype) * jnp.minimum(x, 0)
+
+
+def blurpool_initializer(key, shape, dtype=jnp.float32):
+    """A normalized binomial filter per channel (larq-zoo's ``blurpool_initializer``), Flax's depthwise
+    kernel layout ``(k, k, 1, C)`` with ``k`` in 2, 3, 5: the outer product of ``[1, 1]``, ``[1, 2, 1]``
+    or ``[1, 4, 6, 4, 1]`` with itself, divided by its sum.
+
+    Reference: Zhang, "Making Convolutional Networks Shift-Invariant Again", ICML 2019.
+    """
+    taps = {2: [1, 1], 3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}.get(shape[0])
+    if taps is None or shape[0] != shape[1]:
+        raise ValueError(f"blurpool kernels are 2x2, 3x3 or 5x5, got kernel shape {tuple(shape)}.")
+    k = np.outer(taps, taps).astype(np.float64)
+    k = (k / k.sum()).reshape(shape[:2] + (1, 1))
+    return jnp.asarray(np.broadcast_to(k, tuple(shape)), dtype)
+
+
+class FixedDepthwiseConv2D(nn.Module):
+    """A depthwise 2-D convolution with a fixed (untrained) kernel, e.g. QuickNet's blur-pool.
+
+    The kernel, shape ``(kh, kw, 1, C)``, is made by ``kernel_init`` and kept in the ``"constants"``
+    collection, so optimizers never see it while summaries, checkpoints and weight files do (Keras'
+    ``DepthwiseConv2D(trainable=False)``). No bias.
+    """
+
+    kernel_size: Sequence[int] = (3, 3)
+    strides: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    kernel_init: Callable = blurpool_initializer
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.asarray(x)
+        _check_rank("FixedDepthwiseConv2D", x, 4, "batch, height, width, channels")
+        c = x.shape[-1]
+        kernel = self.variable("constants", "kernel", lambda: self.kernel_init(
+            self.make_rng("params") if self.has_rng("params") else jax.random.key(0),
+            tuple(self.kernel_size) + (1, c), self.param_dtype)).value
+        return ops.conv_nd(x, kernel.astype(x.dtype), strides=self.strides, padding=self.padding,
+                           feature_group_count=c)
 
 
 

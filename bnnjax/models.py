@@ -6,16 +6,9 @@ from typing import Any, Callable, Sequence
 
 from flax import linen as nn
 
-from bnnjax.layers import Flatten, GlobalAvgPool, MaxPool, QuantConv, QuantDense
+from bnnjax.layers import Flatten, GlobalAvgPool, MaxPool, QuantConv, QuantDense, keras_batch_norm
 
-__all__ = ["LarqTutorialCNN", "keras_batch_norm", "BiRealBlock", "BiRealNet"]
-
-
-def keras_batch_norm(train: bool, use_scale: bool = True, momentum: float = 0.99, epsilon: float = 1e-3,
-                     name: str | None = None) -> nn.BatchNorm:
-    """``nn.BatchNorm`` with Keras' defaults (momentum 0.99, epsilon 1e-3), as Larq models use."""
-    return nn.BatchNorm(use_running_average=not train, use_scale=use_scale, momentum=momentum,
-                        epsilon=epsilon, name=name)
+__all__ = ["LarqTutorialCNN", "BiRealBlock", "BiRealNet"]
 
 
 class LarqTutorialCNN(nn.Module):

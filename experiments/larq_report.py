@@ -16,7 +16,7 @@ from flax import linen as nn
 import bnnjax
 from bnnjax import experiment
 from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
-from bnnjax.models import keras_batch_norm
+from bnnjax.layers import keras_batch_norm
 
 
 class ReportBNN(nn.Module):

@@ -1,0 +1,4 @@
+"""(being written)"""
+
+MODELS = {}
+WEIGHTS = {}
