@@ -60,6 +60,8 @@ def cli(config_cls, train_and_evaluate: Callable, argv=None, description: str | 
     """Parse ``--field-name value`` flags for every field of ``config_cls`` plus ``--workdir``.
 
     Booleans take ``--name`` / ``--no-name``; tuples take comma-separated values (``--hidden 512,512``).
+    A data error (dataset missing or corrupt, download or checksum failure: ``datasets.DataError``) is
+    printed as one line ``error: ...`` on stderr, without a traceback, and exits with status 2.
     """
     hints = typing.get_type_hints(config_cls)
     p = argparse.ArgumentParser(description=description)
@@ -73,7 +75,11 @@ def cli(config_cls, train_and_evaluate: Callable, argv=None, description: str | 
     args = vars(p.parse_args(argv))
     script = getattr(sys.modules.get(config_cls.__module__), "__file__", None) or config_cls.__module__
     workdir = args.pop("workdir") or f"runs/{Path(script).stem}"
-    return train_and_evaluate(config_cls(**args), workdir)
+    try:
+        return train_and_evaluate(config_cls(**args), workdir)
+    except datasets.DataError as e:  # the message already says the cause and the fix; a traceback hides it
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_data(config, scale: str = "[-1, 1]", flatten: bool = False):
@@ -81,7 +87,8 @@ def load_data(config, scale: str = "[-1, 1]", flatten: bool = False):
     out = []
     for split, limit in (("train", getattr(config, "train_examples", None)),
                          ("test", getattr(config, "test_examples", None))):
-        x, y = datasets.load_dataset(config.dataset, split, getattr(config, "data_dir", None))
+        x, y = datasets.load_dataset(config.dataset, split, getattr(config, "data_dir", None),
+                                     progress=getattr(config, "progress", True))
         if limit:
             x, y = x[:limit], y[:limit]
         out.append((datasets.preprocess(x, scale, flatten), y))

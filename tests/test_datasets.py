@@ -1,10 +1,15 @@
 import gzip
-import os
+import hashlib
+import io
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_download import FileServer, dead_url
 
+from bnnjax import _download
 from bnnjax import datasets as D
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -35,6 +40,62 @@ def make_idx_dir(tmp_path, n=5, gz=True):
 @pytest.fixture(autouse=True)
 def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BNNJAX_DATA_DIR", str(tmp_path / "cache"))
+    # No test may reach the real hosts: an accidental download hits a closed local port, fast.
+    monkeypatch.setenv("BNNJAX_DATASET_MIRROR", dead_url())
+    monkeypatch.setattr(_download, "_BACKOFF_S", 0.0)
+
+
+@pytest.fixture
+def server():
+    s = FileServer()
+    yield s
+    s.stop()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def host(monkeypatch, server, name, files: dict[str, bytes], base=None, mirror=False):
+    """Serve ``files`` as ``name``'s remotes (digests of these fixtures) from ``base`` (default the server
+    standing in for the canonical host) and, with ``mirror``, at ``<server>/<name>/<file>``."""
+    base = base or server.url + "/host/"
+    for f, body in files.items():
+        server.files[("/" if mirror else "/host/") + (f"{name}/{f}" if mirror else f)] = body
+    remotes = tuple(D.Remote(base + f, hashlib.sha256(b).hexdigest(), mirror_path=f"{name}/{f}")
+                    for f, b in files.items())
+    monkeypatch.setitem(D.DATASETS, name, {**D.DATASETS[name], "remotes": remotes, "debian": None})
+    if mirror:
+        monkeypatch.setenv("BNNJAX_DATASET_MIRROR", server.url)
+    else:
+        monkeypatch.delenv("BNNJAX_DATASET_MIRROR")
+
+
+def idx_files(n=7, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {s: (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)) for s in ("train", "t10k")}
+    files = {}
+    for s, (x, y) in arrays.items():
+        files[f"{s}-images-idx3-ubyte.gz"], files[f"{s}-labels-idx1-ubyte.gz"] = idx_bytes(x), idx_bytes(y)
+    return arrays, files
+
+
+def cifar_tar(folder: str, members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name if name.startswith(("/", "..")) else f"{folder}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def cifar100_records(n, seed):
+    rng = np.random.default_rng(seed)
+    coarse, fine = rng.integers(0, 20, (n, 1), dtype=np.uint8), rng.integers(0, 100, (n, 1), dtype=np.uint8)
+    chw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    return np.concatenate([coarse, fine, chw.reshape(n, -1)], 1).tobytes(), coarse[:, 0], fine[:, 0], chw
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -87,6 +148,131 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
     bad_gz.write_bytes(gzip.compress(payload)[:2000])
     with pytest.raises(D.CorruptDatasetError, match="x.gz.*corrupt or truncated"):
         D.read_idx(bad_gz)
+
+
+def test_download_fetches_only_the_split_then_works_offline(server, tmp_path, monkeypatch):
+    arrays, files = idx_files()
+    host(monkeypatch, server, "mnist", files)
+    x, y = D.load_dataset("mnist", "test", progress=False)
+    np.testing.assert_array_equal(x[..., 0], arrays["t10k"][0])
+    np.testing.assert_array_equal(y, arrays["t10k"][1])
+    cache = tmp_path / "cache" / "mnist"
+    assert sorted(p.name for p in cache.iterdir()) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    server.stop()  # cache hit: no network needed any more
+    np.testing.assert_array_equal(D.load_dataset("mnist", "test")[1], arrays["t10k"][1])
+
+
+def test_mirror_variable_serves_the_cache_layout(server, tmp_path, monkeypatch):
+    arrays, files = idx_files(seed=1)
+    host(monkeypatch, server, "fashion_mnist", files, base=dead_url() + "/canonical/", mirror=True)
+    x, y = D.load_dataset("fashion_mnist", "train", progress=False)
+    np.testing.assert_array_equal(x[..., 0], arrays["train"][0])
+    assert server.hits["/fashion_mnist/train-images-idx3-ubyte.gz"] == 1
+
+
+def test_download_checksum_mismatch_deletes_the_file(server, tmp_path, monkeypatch):
+    _, files = idx_files()
+    host(monkeypatch, server, "mnist", files)
+    server.files["/host/t10k-labels-idx1-ubyte.gz"] = b"tampered"
+    with pytest.raises(D.ChecksumError) as e:
+        D.load_dataset("mnist", "test", progress=False)
+    assert "t10k-labels-idx1-ubyte.gz" in str(e.value) and hashlib.sha256(b"tampered").hexdigest() in str(e.value)
+    assert not (tmp_path / "cache" / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+def test_unreachable_host_says_url_mirror_and_where_to_put_files(tmp_path, monkeypatch):
+    url = dead_url()
+    monkeypatch.setenv("BNNJAX_DATASET_MIRROR", url)
+    with pytest.raises(D.DownloadError) as e:
+        D.load_dataset("mnist", "train", progress=False, tfds_data_dir=str(tmp_path / "tfds"))
+    msg = str(e.value)
+    assert isinstance(e.value, D.DataError)
+    assert f"{url}/mnist/train-images-idx3-ubyte.gz" in msg and "Connection refused" in msg
+    assert str(tmp_path / "cache" / "mnist") in msg and "train-labels-idx1-ubyte.gz" in msg
+    assert "BNNJAX_DATASET_MIRROR" in msg and "data_dir" in msg and "\n" not in msg
+    assert not any((tmp_path / "cache" / "mnist").iterdir())  # no partial file
+
+
+def test_tfds_errors_are_truthful(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    with pytest.raises(D.DatasetNotFoundError, match=r"tensorflow-datasets \(not installed"):
+        D.load_dataset("mnist", "train", download=False)
+    monkeypatch.delitem(sys.modules, "tensorflow_datasets")
+    pytest.importorskip("tensorflow_datasets")
+
+    def needs_tensorflow(*args):
+        raise ImportError("This requires TensorFlow: pip install tensorflow")
+
+    monkeypatch.setattr(D, "_from_tfds", needs_tensorflow)
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.load_dataset("mnist", "train", download=False)
+    msg = str(e.value)
+    assert "not installed" not in msg and "installed, but" in msg and "requires TensorFlow" in msg
+    assert "tfds build mnist" in msg and "needs TensorFlow" in msg
+
+
+def test_prepared_tfds_data_is_preferred_to_a_download(server, tmp_path, monkeypatch):
+    _, files = idx_files()
+    host(monkeypatch, server, "mnist", files)
+    (tmp_path / "tfds" / "mnist").mkdir(parents=True)
+    seen = []
+
+    def prepared(name, split, tfds_data_dir, label_mode):
+        seen.append((name, split, tfds_data_dir))
+        return np.zeros((2, 28, 28, 1), np.uint8), np.arange(2)
+
+    monkeypatch.setattr(D, "_from_tfds", prepared)
+    assert D.load_dataset("mnist", "test", tfds_data_dir=str(tmp_path / "tfds"))[0].shape == (2, 28, 28, 1)
+    assert seen == [("mnist", "test", str(tmp_path / "tfds"))] and not server.hits
+
+
+def test_cifar100_download_fine_and_coarse_labels_from_the_archive(server, tmp_path, monkeypatch):
+    train, _, fine_tr, _ = cifar100_records(6, 0)
+    test, coarse, fine, chw = cifar100_records(3, 1)
+    # Members outside the folder (path traversal attempts) are ignored: nothing is extracted to disk.
+    archive = cifar_tar("cifar-100-binary", {"train.bin": train, "test.bin": test, "../evil.bin": b"x",
+                                             "/tmp/evil.bin": b"x", "fine_label_names.txt": b"apple\n"})
+    host(monkeypatch, server, "cifar100", {"cifar-100-binary.tar.gz": archive})
+    x, y = D.load_dataset("cifar100", "test", progress=False)
+    np.testing.assert_array_equal(x, chw.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(y, fine)
+    np.testing.assert_array_equal(D.load_dataset("cifar100", "test", label_mode="coarse")[1], coarse)
+    np.testing.assert_array_equal(D.load_dataset("cifar100", "train")[1], fine_tr)
+    assert [p.name for p in (tmp_path / "cache" / "cifar100").iterdir()] == ["cifar-100-binary.tar.gz"]
+    assert not (tmp_path / "cache" / "evil.bin").exists() and server.hits["/host/cifar-100-binary.tar.gz"] == 1
+    with pytest.raises(ValueError, match="label_mode"):
+        D.load_dataset("cifar10", "test", label_mode="coarse")
+
+
+def test_cifar10_archive_in_data_dir_and_truncated_archive(tmp_path):
+    rng = np.random.default_rng(2)
+    members = {f: np.concatenate([rng.integers(0, 10, (2, 1)), rng.integers(0, 256, (2, 3072))], 1)
+               .astype(np.uint8).tobytes() for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]}
+    archive = cifar_tar("cifar-10-batches-bin", members)
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(archive)
+    x, y = D.load_dataset("cifar10", "train", tmp_path)
+    assert x.shape == (10, 32, 32, 3)
+    assert y.tolist() == [members[f"data_batch_{i}.bin"][j * 3073] for i in range(1, 6) for j in range(2)]
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(archive[: len(archive) // 2])
+    with pytest.raises(D.CorruptDatasetError, match="cifar-10-binary.tar.gz.*corrupt or truncated"):
+        D.load_dataset("cifar10", "test", tmp_path)
+
+
+def test_registry_matches_tensorflow_datasets_checksums():
+    """The URLs, sizes and digests are tensorflow-datasets' own (its url_checksums/*.txt)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    listed = {}
+    for f in (Path(tfds.__file__).parent / "url_checksums").glob("*.txt"):
+        for line in f.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 3:
+                listed[fields[0]] = (int(fields[1]), fields[2])
+    for name, spec in D.DATASETS.items():
+        assert spec["remotes"], name
+        for r in spec["remotes"]:
+            assert listed[r.url] == (r.size, r.sha256), r.url
+            assert r.mirror_path == f"{name}/{r.filename}"
+    assert D.DATASETS["cifar100"]["shape"] == (32, 32, 3) and D.DATASETS["cifar100"]["classes"] == 100
 
 
 def test_offline_without_local_copy_lists_every_source(tmp_path):

@@ -136,3 +136,22 @@ def test_plot_renders_png(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty"):
         plot.plot([tmp_path / "empty.jsonl"], tmp_path / "d.png")
+
+
+def test_cli_prints_data_errors_as_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
+    from test_download import dead_url
+
+    from bnnjax import _download, datasets
+
+    url = dead_url()
+    monkeypatch.setenv("BNNJAX_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BNNJAX_DATASET_MIRROR", url)
+    monkeypatch.setattr(_download, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(datasets, "_try_tfds", lambda *a: (None, "tensorflow-datasets (stubbed out)"))
+    m = script("larq_tutorial")
+    with pytest.raises(SystemExit) as e:
+        experiment.cli(m.Config, m.train_and_evaluate, argv=["--workdir", str(tmp_path / "run"), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dataset 'mnist' (train)") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{url}/mnist/train-images-idx3-ubyte.gz" in err and "BNNJAX_DATASET_MIRROR" in err
