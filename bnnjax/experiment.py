@@ -106,8 +106,9 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
 
     Returns the result dict (also written to ``workdir/result.json`` and printed as one JSON line):
     ``experiment``, ``dataset``, ``epochs``, ``test_accuracy``, ``seconds`` (training wall time of
-    this invocation) and, with ``config.export``, ``packed_test_accuracy``, ``predictions_identical``,
-    ``packed_file_bytes``.
+    this invocation) and, with ``config.export``, ``packed_test_accuracy`` (of the exported StableHLO file
+    ``model.stablehlo``), ``predictions_identical`` (with the float model), ``packed_file_bytes``,
+    ``packed_variables_bytes``.
     """
     (x, y), (xt, yt) = data or load_data(config, scale, flatten)
     summary(model, x[:1], print_fn=print_fn)
@@ -126,9 +127,12 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
     result["binary_gradients"] = ops.binary_gradient_precision()
     if getattr(config, "export", False):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        packed = export.export(model, variables, xt[:min(len(xt), 1000)])
-        result["packed_file_bytes"] = export.save_packed(Path(workdir) / "model.bnn", packed)
-        pred_p = np.concatenate([np.asarray(packed(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])
+        packed = export.pack(model, variables, xt[:min(len(xt), 1000)])
+        artifact = Path(workdir) / "model.stablehlo"
+        result["packed_file_bytes"] = export.save_artifact(artifact, model, packed, xt[:8])
+        result["packed_variables_bytes"] = export.packed_bytes(packed)
+        deployed = export.load_artifact(artifact)  # evaluated as deployed: the file alone
+        pred_p = np.concatenate([np.asarray(deployed.call(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])
         apply = jax.jit(lambda a: model.apply(variables, a))
         pred_f = np.concatenate([np.asarray(apply(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])
         result["packed_test_accuracy"] = float(np.mean(pred_p == yt))

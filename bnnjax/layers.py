@@ -38,11 +38,15 @@ class QuantParam(struct.PyTreeNode, meta.AxisMetadata):
       value: the latent full-precision array.
       precision: bits per weight after quantization (1 for binary kernels).
       quantizer: name of the kernel quantizer.
+      packable: the layer can run this kernel on packed bits (its input is binarized to ±1 and the
+        kernel is ±1, a per-channel scale times ±1, or ABC-Net's binary bases): what
+        ``bnnjax.export.pack`` packs.
     """
 
     value: Any
     precision: int = struct.field(pytree_node=False, default=1)
     quantizer: str = struct.field(pytree_node=False, default="ste_sign")
+    packable: bool = struct.field(pytree_node=False, default=False)
 
     def unbox(self):
         return self.value
@@ -78,19 +82,31 @@ def precision_of(x) -> int:
     return int(np.dtype(x.dtype).itemsize * 8)
 
 
-def _boxed_init(init, q: quantizers.Quantizer, precision: int | None = None):
+def _boxed_init(init, q: quantizers.Quantizer, precision: int | None = None, packable: bool = False):
     def boxed(*args):
-        return QuantParam(init(*args), precision or q.precision, q.name)
+        return QuantParam(init(*args), precision or q.precision, q.name, packable)
 
     return boxed
 
 
-def _latent_kernel(mdl: nn.Module, shape, q: quantizers.Quantizer, precision=None):
+def _latent_kernel(mdl: nn.Module, shape, q: quantizers.Quantizer, precision=None, packable: bool = False):
     """The latent kernel param, boxed when its quantizer lowers the precision."""
     init = mdl.kernel_init
     if q.precision is not None or precision is not None:
-        init = _boxed_init(init, q, precision)
+        init = _boxed_init(init, q, precision, packable)
     return mdl.param("kernel", init, shape, mdl.param_dtype)
+
+
+def _packed_kernel(mdl: nn.Module):
+    """The layer's kernel when ``bnnjax.export.pack`` packed it, else None (training, float kernels)."""
+    if mdl.is_initializing() or not mdl.has_variable("params", "kernel"):
+        return None
+    kernel = mdl.get_variable("params", "kernel")
+    return kernel if isinstance(kernel, ops.packing.PackedKernel) else None
+
+
+def _bias(mdl: nn.Module, features: int):
+    return mdl.param("bias", mdl.bias_init, (features,), mdl.param_dtype) if mdl.use_bias else None
 
 
 def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
@@ -102,11 +118,19 @@ def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
     return quantizers.ste_sign(x, dict(q.kwargs).get("clip_value", 1.0))
 
 
+def _packable(qi: quantizers.Quantizer, qk: quantizers.Quantizer) -> bool:
+    """±1 inputs and a (per-channel scaled) ±1 kernel: the layers that run packed."""
+    return qi.values == "signs" and qk.values in ("signs", "scaled_signs")
+
+
 def _sign_operands(qi: quantizers.Quantizer, qk: quantizers.Quantizer, x) -> bool:
     """±1 inputs, a (per-channel scaled) ±1 kernel and float32 on CPU: the case where the forward pass
     runs on packed bits (:func:`bnnjax.ops.xnor_product`)."""
-    return (qi.values == "signs" and qk.values in ("signs", "scaled_signs") and x.dtype == jnp.float32
-            and ops.packed_training())
+    return _packable(qi, qk) and x.dtype == jnp.float32 and ops.packed_training()
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    return (v,) * n if isinstance(v, int) else tuple(v)
 
 
 def _check_rank(name: str, x, rank: int, layout: str):
@@ -269,9 +293,16 @@ class QuantDense(nn.Module):
         if inputs.ndim < 1:
             raise ValueError(f"QuantDense expects inputs of rank >= 1 (..., features), got a scalar.")
         qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
-        kernel = _latent_kernel(self, (inputs.shape[-1], self.features), qk)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
+        packable = _packable(qi, qk)
+        bias = None
+        packed = _packed_kernel(self)
+        if packed is not None and packable:
+            y, bias = ops.packed_dense(inputs, packed), _bias(self, self.features)
+            return y if bias is None else y + bias
+        kernel = _latent_kernel(self, (inputs.shape[-1], self.features), qk, packable=packable) if packed is None \
+            else ops.unpacked_kernel(packed)  # a 1-bit kernel on real input
+        bias = _bias(self, self.features)
+        x, k = _quantize(self, qi, inputs), kernel if packed is not None else _quantize(self, qk, kernel)
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
         if _sign_operands(qi, qk, x):
             y = ops.xnor_product(x, k, precision=self.precision, scaled=qk.values == "scaled_signs")
@@ -286,9 +317,19 @@ class _ConvMixin:
 
     def _conv(self, inputs, kernel_size, in_per_group: int, out_features: int, groups: int):
         qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
-        kernel = _latent_kernel(self, tuple(kernel_size) + (in_per_group, out_features), qk)
-        bias = self.param("bias", self.bias_init, (out_features,), self.param_dtype) if self.use_bias else None
-        x, k = _quantize(self, qi, inputs), _quantize(self, qk, kernel)
+        packable = (_packable(qi, qk) and groups == 1 and len(kernel_size) == 2
+                    and _tuple(self.input_dilation, 2) == (1, 1) and self.pad_values in (0.0, 1.0))
+        packed = _packed_kernel(self)
+        if packed is not None and packable:
+            y = ops.packed_conv(inputs, packed, strides=self.strides, padding=self.padding,
+                                pad_values=self.pad_values, kernel_dilation=self.kernel_dilation)
+            bias = _bias(self, out_features)
+            return y if bias is None else y + bias
+        shape = tuple(kernel_size) + (in_per_group, out_features)
+        kernel = _latent_kernel(self, shape, qk, packable=packable) if packed is None \
+            else ops.unpacked_kernel(packed)  # a 1-bit kernel on real input
+        bias = _bias(self, out_features)
+        x, k = _quantize(self, qi, inputs), kernel if packed is not None else _quantize(self, qk, kernel)
         x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
         y = ops.conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
                     input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
@@ -426,22 +467,29 @@ def _default_shifts(n):
 class _ABCMixin:
     """The forward pass shared by the ABC layers (fields live on each class)."""
 
-    def _approx(self, inputs, kernel_shape, op):
+    def _approx(self, inputs, kernel_shape, op, packed_op=None):
+        if self.num_act_bases is not None and self.num_act_bases < 1:
+            raise ValueError(f"num_act_bases must be >= 1 or None (real input), got {self.num_act_bases}.")
+        packable = self.num_act_bases is not None and packed_op is not None
         q = quantizers.Quantizer("abc", quantizers.ste_sign, precision=self.num_weight_bases)
-        w = _latent_kernel(self, kernel_shape, q, precision=self.num_weight_bases)
+        packed = _packed_kernel(self) if packable else None
+        if packed is None:
+            w = _latent_kernel(self, kernel_shape, q, precision=self.num_weight_bases, packable=packable)
+        if self.num_act_bases is not None:
+            shifts = self.param("shift", _default_shifts(self.num_act_bases), (self.num_act_bases,),
+                                self.param_dtype)
+            beta = self.param("beta", nn.initializers.ones_init(), (self.num_act_bases,), self.param_dtype)
+        bias = _bias(self, kernel_shape[-1])
+        if packed is not None:  # the M x N binary ops on packed bits
+            y = packed_op(inputs, packed, shifts, beta)
+            return y if bias is None else y + bias
         bases, alpha = abc_weight_bases(w, self.num_weight_bases)
         w_hat = jnp.tensordot(alpha, bases, axes=1)
         x = inputs
         if self.num_act_bases is not None:
-            if self.num_act_bases < 1:
-                raise ValueError(f"num_act_bases must be >= 1 or None (real input), got {self.num_act_bases}.")
-            shifts = self.param("shift", _default_shifts(self.num_act_bases), (self.num_act_bases,),
-                                self.param_dtype)
-            beta = self.param("beta", nn.initializers.ones_init(), (self.num_act_bases,), self.param_dtype)
             # sum_n beta_n sum_m alpha_m op(A_n, B_m) = op(sum_n beta_n A_n, sum_m alpha_m B_m): one op
             # trains the same function with the same gradients as the M x N binary ops it stands for.
             x = jnp.tensordot(beta, abc_activation_bases(inputs, shifts), axes=1)
-        bias = self.param("bias", self.bias_init, (kernel_shape[-1],), self.param_dtype) if self.use_bias else None
         x, w_hat, bias = nn.dtypes.promote_dtype(x, w_hat, bias, dtype=self.dtype)
         y = op(x, w_hat)
         return y if bias is None else y + bias
@@ -472,7 +520,7 @@ class ABCDense(nn.Module, _ABCMixin):
     def __call__(self, inputs):
         inputs = jnp.asarray(inputs)
         dot = lambda x, w: jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        return self._approx(inputs, (inputs.shape[-1], self.features), dot)
+        return self._approx(inputs, (inputs.shape[-1], self.features), dot, ops.packed_dense)
 
 
 class ABCConv(nn.Module, _ABCMixin):
@@ -505,7 +553,11 @@ class ABCConv(nn.Module, _ABCMixin):
         _check_rank("ABCConv", inputs, len(ks) + 2, "batch, *spatial, channels")
         conv = lambda x, w: ops.conv_nd(x, w, strides=self.strides, padding=self.padding,
                                         kernel_dilation=self.kernel_dilation, precision=self.precision)
-        return self._approx(inputs, ks + (inputs.shape[-1], self.features), conv)
+        packed = None
+        if len(ks) == 2:
+            packed = lambda x, k, v, b: ops.packed_conv(x, k, strides=self.strides, padding=self.padding,
+                                                        kernel_dilation=self.kernel_dilation, shifts=v, betas=b)
+        return self._approx(inputs, ks + (inputs.shape[-1], self.features), conv, packed)
 
 
 def abc_from_float(layer: nn.Module, params: dict, num_weight_bases: int = 3,
@@ -535,7 +587,8 @@ def abc_from_float(layer: nn.Module, params: dict, num_weight_bases: int = 3,
         ks = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
         new = ABCConv(features=layer.features, kernel_size=ks, strides=layer.strides,
                       padding=layer.padding, kernel_dilation=layer.kernel_dilation, **common)
-    out = {"kernel": QuantParam(jnp.asarray(kernel), num_weight_bases, "abc")}
+    packable = num_act_bases is not None and (isinstance(new, ABCDense) or len(new.kernel_size) == 2)
+    out = {"kernel": QuantParam(jnp.asarray(kernel), num_weight_bases, "abc", packable)}
     if num_act_bases is not None:
         out["shift"] = _default_shifts(num_act_bases)(None, (num_act_bases,), kernel.dtype)
         out["beta"] = jnp.ones((num_act_bases,), kernel.dtype)

@@ -10,6 +10,8 @@ the plain formulation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Sequence
@@ -21,7 +23,8 @@ from flax import linen as nn
 
 from bnnjax import _padding, packing
 
-__all__ = ["conv_nd", "max_pool", "xnor_product", "binary_gradient_precision", "packed_training"]
+__all__ = ["conv_nd", "max_pool", "xnor_product", "binary_gradient_precision", "packed_training", "float_forward",
+           "packed_dense", "packed_conv", "unpacked_kernel"]
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
     if v is None:
@@ -62,6 +65,15 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
         else:
             y = jnp.dot(im2col(x), k2, precision=precision)
         return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
+    if _use_depthwise_taps(x, kernel, idil, feature_group_count):
+        # XLA:CPU's grouped convolution runs a 3x3 depthwise conv ~10x slower than the same work as
+        # shifted inputs times per-channel kernel rows, which fuse into one elementwise loop
+        im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
+        rows = kernel.reshape(-1, kernel.shape[-1])
+        y = None
+        for tap, row in zip(im2col.taps(x), rows):
+            y = tap * row if y is None else y + tap * row
+        return y
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
     return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
                                         dimension_numbers=dn, feature_group_count=feature_group_count,
@@ -77,6 +89,11 @@ def _use_patches_conv(x, kernel, input_dilation, groups) -> bool:
     # TPUs have fast native convolutions. Chosen at trace time from the default backend.
     return (jax.default_backend() == "cpu" and groups == 1 and all(d == 1 for d in input_dilation)
             and int(np.prod(kernel.shape[:-2])) > 1)
+
+
+def _use_depthwise_taps(x, kernel, input_dilation, groups) -> bool:
+    return (jax.default_backend() == "cpu" and groups > 1 and groups == x.shape[-1] == kernel.shape[-1]
+            and all(d == 1 for d in input_dilation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +118,7 @@ class _Im2col:
 
     @property
     def packable(self) -> bool:
-        return len(self.kernel_spatial) == 2 and all(d == 1 for d in self.dilation)
+        return len(self.kernel_spatial) == 2
 
     def taps(self, x):
         """The input window under each kernel tap (row-major), each of shape (N, *out_spatial, C)."""
@@ -130,20 +147,29 @@ class _Im2col:
         return y.reshape(-1, kernel.shape[-1])
 
     def packed_rows(self, x):
-        """The patches of a ±1 ``x`` on packed bits: uint32 ``(M, taps * words per tap)``, each tap's
-        channels packed into its own words; padded taps are clear bits (+1)."""
-        words = packing.extract_patches(packing.pack_bits(x), self.kernel_spatial, self.strides, self.pads)
+        """The patches of ``x``'s sign bits (set where ``x < 0``): uint32 ``(M, taps * words per tap)``,
+        each tap's channels packed into its own words; padded taps are clear bits (+1)."""
+        words = packing.extract_patches(packing.pack_bits(x), self.kernel_spatial, self.strides, self.pads,
+                                        self.dilation)
         return words.reshape(-1, words.shape[-1])
 
     def packed_product(self, rows, kernel):
-        """``self(x) @ kernel`` for a ±1 kernel from ``rows = packed_rows(x)``; zero padding is corrected
-        exactly (LCE's correction: the padded taps were read as +1)."""
+        """``self(x) @ kernel`` for a ±1 kernel ``(K, N)`` from ``rows = packed_rows(x)``; zero padding
+        corrected exactly."""
         kernel4 = kernel.reshape(self.kernel_spatial + (self.in_shape[-1], kernel.shape[-1]))
-        y = packing.xnor_matmul(rows, packing.pack_kernel(kernel4), kernel.shape[0])
-        if self.padded:
-            corr = packing.pad_correction(kernel4, self.in_shape[1:3], self.strides, self.pads)
-            y = (y.reshape((self.in_shape[0], -1, kernel.shape[-1])) - corr.reshape(-1, kernel.shape[-1]))
-        return y.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+        return self.product_of_words(rows, packing.pack_kernel(kernel4), kernel.shape[0],
+                                     packing.tap_sums(kernel4) if self.padded else None)
+
+    def product_of_words(self, rows, words, k: int, sums=None):
+        """``rows`` times a packed kernel ``words`` (``(N, W)`` from :func:`packing.pack_kernel`): float32
+        ``(M, N)``. With the kernel's :func:`packing.tap_sums` the padded taps count as zeros (LCE's
+        zero-padding correction: they were read as +1); without, as +1 (one-padding)."""
+        n = words.shape[0]
+        y = packing.xnor_matmul(rows, words, k)
+        if sums is not None and self.padded:
+            corr = packing.pad_correction(sums, self.in_shape[1:3], self.strides, self.pads, self.dilation)
+            y = y.reshape((self.in_shape[0], -1, n)) - corr.reshape(-1, n)
+        return y.reshape(-1, n).astype(jnp.float32)
 
     def unpacked_transposed(self, rows, dtype):
         """``self(x).T`` from ``rows = packed_rows(x)``: ``(K, M)`` ±1 with zeros at padded taps.
@@ -187,17 +213,35 @@ class _Rows:
         return packing.pack_bits(self(x))
 
     def packed_product(self, rows, kernel):
-        return packing.xnor_matmul(rows, packing.pack_bits(kernel.T), kernel.shape[0]).astype(jnp.float32)
+        return self.product_of_words(rows, packing.pack_bits(kernel.T), kernel.shape[0])
+
+    def product_of_words(self, rows, words, k: int, sums=None):
+        return packing.xnor_matmul(rows, words, k).astype(jnp.float32)
 
     def unpacked_transposed(self, rows, dtype):
         return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
 
 
+_FLOAT_FORWARD = contextvars.ContextVar("bnnjax_float_forward", default=False)
+
+
 def packed_training() -> bool:
-    """Whether ±1 layers run their forward pass on packed bits here (CPU)."""
+    """Whether ±1 layers run their forward pass on packed bits here (CPU, outside :func:`float_forward`)."""
     # Measured faster than the float32 dot on CPU only; on GPUs/TPUs the packed kernel would be an
     # int8 dot, untimed against their float units here, so they keep the float path.
-    return packing.backend_kernel() == "popcount"
+    return packing.backend_kernel() == "popcount" and not _FLOAT_FORWARD.get()
+
+
+@contextlib.contextmanager
+def float_forward():
+    """Trace ±1 layers with their plain float products (no packed training forward) inside this block:
+    the reference computation, for comparisons and benchmarks. Latent-kernel layers only; a packed
+    kernel from ``bnnjax.export.pack`` always runs packed."""
+    token = _FLOAT_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT_FORWARD.reset(token)
 
 
 def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
@@ -396,3 +440,86 @@ _window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 _DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+# --- inference on packed kernels ------------------------------------------------------------------
+
+def _packed_product(lhs, rows, kernel: packing.PackedKernel, zero_padded: bool = True):
+    """``A @ K`` for ``rows`` the packed patches of ``A`` and a :class:`~bnnjax.packing.PackedKernel`
+    ``K`` (a scale times ±1, or ABC-Net's ``sum_m alpha_m B_m``), float32 ``(M, N)``."""
+    # the zero-padding correction's per-tap sums, from the words (XLA folds them for constant weights)
+    sums = kernel.tap_sums() if zero_padded and getattr(lhs, "padded", False) else None
+    if kernel.alpha is None:
+        y = lhs.product_of_words(rows, kernel.words, kernel.k, sums)
+        return y if kernel.scale is None else y * kernel.scale
+    y = None
+    for m in range(kernel.words.shape[0]):
+        z = kernel.alpha[m] * lhs.product_of_words(rows, kernel.words[m], kernel.k, None if sums is None else sums[m])
+        y = z if y is None else y + z
+    return y
+
+
+def unpacked_kernel(kernel: packing.PackedKernel, dtype=jnp.float32):
+    """A packed ±1 (scaled) kernel as the float kernel it stands for: what a layer with real-valued input
+    multiplies by (its kernel is stored 1 bit per weight all the same)."""
+    k = kernel.signs(dtype)
+    return k if kernel.scale is None else k * kernel.scale.astype(dtype)
+
+
+def _check_packed(x, kernel: packing.PackedKernel, rank: int):
+    if len(kernel.shape) != rank:
+        raise ValueError(f"a packed kernel of shape {kernel.shape} does not fit this layer (rank {rank} kernel).")
+    if x.shape[-1] != kernel.shape[-2]:
+        raise ValueError(f"input has {x.shape[-1]} channels/features, the packed kernel expects {kernel.shape[-2]}.")
+
+
+def packed_dense(x, kernel: packing.PackedKernel, shifts=None, betas=None):
+    """A ±1 dense layer's product on a packed kernel: ``sign(x) @ K``, exactly (inference).
+
+    The input's sign bits are packed directly (set where ``x < 0``: what every ±1 input quantizer
+    outputs, ``sign(0) = +1``), so no ±1 float array is formed and XLA fuses the producer of ``x``
+    (a BatchNorm, a residual add) with the packing. With ABC-Net's ``shifts`` ``v_n`` and ``betas``,
+    the input is ``sum_n beta_n sign(x + v_n - 0.5)`` (its N binary activation bases).
+
+    Args:
+      x: float ``(..., K)``.
+      kernel: from ``bnnjax.export.pack``.
+
+    Returns:
+      float32 ``(..., N)``.
+    """
+    _check_packed(x, kernel, 2)
+    lhs = _Rows(tuple(x.shape))
+    y = _bases_product(lhs, x, kernel, shifts, betas)
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
+def packed_conv(x, kernel: packing.PackedKernel, *, strides=1, padding="SAME", pad_values=0.0, kernel_dilation=1,
+                shifts=None, betas=None):
+    """A ±1 2-D convolution on a packed kernel (NHWC), exactly; see :func:`packed_dense`.
+
+    Padded taps are +1 bits for ``pad_values=1.0`` (one-padding) and count as zeros for ``0.0`` (LCE's
+    correction from the kernel's tap sums).
+
+    Raises:
+      ValueError: a kernel or input that does not fit, or ``pad_values`` other than 0 and 1 with padding.
+    """
+    _check_packed(x, kernel, 4)
+    strides, dilation = _tuple(strides, 2, "strides"), _tuple(kernel_dilation, 2, "kernel_dilation")
+    pads = tuple(_padding.resolve(padding, x.shape[1:3], kernel.shape[:2], strides, dilation))
+    if pad_values not in (0.0, 1.0) and any(p != (0, 0) for p in pads):
+        raise ValueError(f"packed convolutions pad with 0.0 or 1.0, got pad_values={pad_values}.")
+    im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:2]), strides, pads, dilation)
+    y = _bases_product(im2col, x, kernel, shifts, betas, zero_padded=pad_values == 0.0)
+    return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
+
+
+def _bases_product(lhs, x, kernel, shifts, betas, zero_padded=True):
+    if shifts is None:
+        return _packed_product(lhs, lhs.packed_rows(x), kernel, zero_padded)
+    y = None
+    for n in range(shifts.shape[0]):
+        # ABC's A_n = sign(clip(x + v_n, 0, 1) - 0.5) is -1 exactly where x + v_n - 0.5 < 0
+        z = betas[n] * _packed_product(lhs, lhs.packed_rows(x + shifts[n] - 0.5), kernel, zero_padded)
+        y = z if y is None else y + z
+    return y

@@ -23,13 +23,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax import lax
 
 from bnnjax import _padding
 
 __all__ = ["WORD_BITS", "num_words", "pack_bits", "unpack_bits", "xnor_matmul", "xnor_matmul_blocked",
            "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "pad_correction",
-           "backend_kernel", "pack_kernel"]
+           "tap_sums", "backend_kernel", "pack_kernel", "PackedKernel"]
 
 WORD_BITS = 32
 ROW_BLOCK = 8  # rows of the left operand per vector lane group on CPU
@@ -149,7 +150,8 @@ _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional 
 
 def _xnor_popcount(a, b, k):
     m = a.shape[0]
-    if m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK:
+    # a symbolic row count (jax.export with a symbolic batch) takes the blocked kernel
+    if isinstance(m, int) and m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK:
         return _xnor_direct(a, b, k)
     ab = block_rows(a)
     y = _unfused(lambda: xnor_matmul_blocked(ab, b, k), b[0, 0], (ab.shape[0], b.shape[0], ROW_BLOCK), jnp.int32)
@@ -201,25 +203,35 @@ def xnor_matmul(a, b, k: int, kernel: str | None = None):
 
 # --- convolution ----------------------------------------------------------------------------------
 
-def extract_patches(x_words, kernel_hw: Sequence[int], strides: Sequence[int], pads):
+def extract_patches(x_words, kernel_hw: Sequence[int], strides: Sequence[int], pads,
+                    dilation: Sequence[int] = (1, 1)):
     """im2col on packed words: ``(N, H, W, Wc)`` to ``(N, Ho, Wo, kh*kw*Wc)``.
 
     Padded taps are clear bits (+1): exact for one-padding; zero-padding needs :func:`pad_correction`.
     Taps are ordered (row, column, channel-word), matching a kernel packed as
-    ``pack_bits(kernel.reshape(kh, kw, C, O)..., axis=C)`` flattened the same way.
+    ``pack_bits(kernel.reshape(kh, kw, C, O)..., axis=C)`` flattened the same way; ``dilation`` spaces
+    the taps as a dilated convolution's kernel.
     """
     if any(p != (0, 0) for p in pads):
-        x_words = jnp.pad(x_words, ((0, 0),) + tuple(pads) + ((0, 0),))
+        x_words = jnp.pad(x_words, ((0, 0),) + tuple(tuple(p) for p in pads) + ((0, 0),))
     n, h, w, c = x_words.shape
     kh, kw = kernel_hw
     sh, sw = strides
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    cols = [lax.slice(x_words, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+    dh, dw = dilation
+    ho, wo = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+    cols = [lax.slice(x_words, (0, i * dh, j * dw, 0),
+                      (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(cols, axis=-1)
+    return jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
 
 
-def pad_correction(kernel_pm1, in_hw, strides, pads):
+def tap_sums(kernel_pm1):
+    """``sum_c kernel[i, j, c, o]``: a ±1 kernel's per-tap sums ``(kh, kw, 1, O)``, float32 (exact
+    integers), all :func:`pad_correction` needs to know of the kernel."""
+    return jnp.sum(jnp.asarray(kernel_pm1, jnp.float32), axis=2, keepdims=True)
+
+
+def pad_correction(sums, in_hw, strides, pads, dilation=(1, 1)):
     """What one-padded bits add over zero padding, per output position and channel (int32).
 
     A zero-padded tap contributes 0, a clear padding bit contributes ``+1 * w``; the correction is
@@ -228,18 +240,20 @@ def pad_correction(kernel_pm1, in_hw, strides, pads):
     traced kernels (inside ``jit``).
 
     Args:
-      kernel_pm1: ±1 kernel ``(kh, kw, C, O)``.
+      sums: :func:`tap_sums` of the ±1 kernel, ``(kh, kw, 1, O)``.
+      in_hw: the unpadded input's ``(H, W)``.
+
+    Returns:
+      int32 ``(Ho, Wo, O)``.
     """
     mask = np.pad(np.zeros(tuple(in_hw), np.float32), pads, constant_values=1.0)[None, :, :, None]
-    wsum = jnp.sum(jnp.asarray(kernel_pm1, jnp.float32), axis=2, keepdims=True)
-    corr = lax.conv_general_dilated(jnp.asarray(mask), wsum, tuple(strides), "VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=lax.Precision.HIGHEST)
+    corr = lax.conv_general_dilated(jnp.asarray(mask), sums, tuple(strides), "VALID", rhs_dilation=tuple(dilation),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
     return jnp.rint(corr[0]).astype(jnp.int32)
 
 
 def binary_conv2d(x_words, kernel_words, k: int, kernel_hw: Sequence[int], strides: Sequence[int] = (1, 1),
-                  padding="VALID", correction=None):
+                  padding="VALID", correction=None, dilation: Sequence[int] = (1, 1)):
     """Exact ±1 2-D convolution on packed NHWC bits: int32 ``(N, Ho, Wo, O)``.
 
     Args:
@@ -250,11 +264,12 @@ def binary_conv2d(x_words, kernel_words, k: int, kernel_hw: Sequence[int], strid
       strides: ``(sh, sw)``.
       padding: "VALID", "SAME" or explicit pairs; padded taps read as +1 (one-padding).
       correction: int32 ``(Ho, Wo, O)`` from :func:`pad_correction` for zero-padding semantics.
+      dilation: the kernel's dilation ``(dh, dw)``.
     """
     if x_words.ndim != 4:
         raise ValueError(f"binary_conv2d expects packed NHWC words of rank 4, got shape {x_words.shape}.")
-    pads = _padding.resolve(padding, x_words.shape[1:3], kernel_hw, strides)
-    patches = extract_patches(x_words, kernel_hw, strides, pads)
+    pads = _padding.resolve(padding, x_words.shape[1:3], kernel_hw, strides, dilation)
+    patches = extract_patches(x_words, kernel_hw, strides, pads, dilation)
     y = xnor_matmul(patches, kernel_words, k)
     return y if correction is None else y - correction
 
@@ -266,3 +281,51 @@ def pack_kernel(kernel_pm1):
     per_tap = kernel_pm1.reshape(-1, kernel_pm1.shape[-2], o) if kernel_pm1.ndim == 4 else kernel_pm1[None]
     words = pack_bits(jnp.moveaxis(per_tap, -1, 0), axis=-1)  # (O, taps, Wc)
     return words.reshape(o, -1)
+
+
+class PackedKernel(struct.PyTreeNode):
+    """A layer's ±1 kernel (or ABC-Net's M binary bases) packed for the XNOR-popcount kernels.
+
+    What a quantized layer finds in place of its latent kernel after ``bnnjax.export.pack``: it then
+    runs its forward pass on packed bits.
+
+    Attributes:
+      words: uint32 ``(O, taps * words per tap)`` from :func:`pack_kernel` (``(M, O, ...)`` for M bases).
+      shape: the latent kernel's shape, ``(K, O)`` or ``(kh, kw, C, O)`` (static).
+      scale: float32 ``(O,)``: the kernel is ``scale * sign`` (XNOR-Net's and Bi-Real's kernels), or None.
+      alpha: float32 ``(M,)``: ABC-Net's weight-base scales, or None for one ±1 kernel.
+      per_tap: the words of a convolution kernel hold each tap's channels in words of their own
+        (:func:`pack_kernel`, what the XNOR-popcount convolution reads); False: the ``kh * kw * C`` bits
+        are packed contiguously (``(O, num_words(K))``), the smallest storage, for a kernel that a
+        layer with real-valued input unpacks.
+    """
+
+    words: jax.Array
+    shape: tuple = struct.field(pytree_node=False, default=())
+    per_tap: bool = struct.field(pytree_node=False, default=True)
+    scale: jax.Array | None = None
+    alpha: jax.Array | None = None
+
+    @property
+    def k(self) -> int:
+        """The contraction length: ``K``, or ``kh * kw * C``."""
+        return int(np.prod(self.shape[:-1]))
+
+    def signs(self, dtype=jnp.float32):
+        """The ±1 kernel (``(M,) + shape`` for M bases), unpacked."""
+        c, o = self.shape[-2], self.shape[-1]
+        if not self.per_tap:
+            k = unpack_bits(self.words, self.k, dtype)  # (..., O, K)
+            return jnp.moveaxis(k, -2, -1).reshape(self.words.shape[:-2] + tuple(self.shape))
+        words = self.words.reshape(self.words.shape[:-1] + (-1, num_words(c)))  # (..., O, taps, Wc)
+        k = jnp.moveaxis(unpack_bits(words, c, dtype), -3, -1)  # (..., taps, C, O)
+        return k.reshape(self.words.shape[:-2] + tuple(self.shape))
+
+    def tap_sums(self):
+        """:func:`tap_sums` of the kernel, ``(..., kh, kw, 1, O)``, from the words: each tap's sum is
+        ``C - 2 * popcount`` (padding bits are clear)."""
+        c = self.shape[-2]
+        words = self.words.reshape(self.words.shape[:-1] + (-1, num_words(c)))
+        neg = jnp.sum(lax.population_count(words).astype(jnp.int32), axis=-1)  # (..., O, taps)
+        sums = jnp.moveaxis(c - 2 * neg, -2, -1).astype(jnp.float32)  # (..., taps, O)
+        return sums.reshape(self.words.shape[:-2] + tuple(self.shape[:2]) + (1, self.shape[-1]))

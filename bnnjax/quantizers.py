@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "ste_sign", "approx_sign", "swish_sign", "ste_heaviside", "ste_tern", "magnitude_aware_sign",
-    "dorefa", "stochastic_sign", "xnor_weight_scale", "Quantizer", "get", "names",
+    "dorefa", "stochastic_sign", "xnor_weight_scale", "magnitude_aware_sign_unclipped", "Quantizer", "get", "names",
     "SteSign", "ApproxSign", "SwishSign", "SteHeaviside", "SteTern", "MagnitudeAwareSign",
     "DoReFa", "StochasticSign", "XnorWeightScale",
 ]
@@ -272,24 +272,67 @@ def magnitude_aware_sign(x, clip_value: float | None = 1.0):
     return jax.lax.stop_gradient(_channel_mean_abs(x)) * ste_sign(x, clip_value)
 
 
-def xnor_weight_scale(w, clip_value: float | None = 1.0):
-    """XNOR-Net weight binarization: per-output-channel ``mean|w|`` times ``sign(w)``.
+def _tf_abs(x):
+    # TensorFlow's |x| has gradient sign(x), 0 at x = 0 (JAX's gives +1 there): match Larq's gradients.
+    return x * jax.lax.stop_gradient(jnp.sign(x))
 
-    Forward ``q(w) = a * sign(w)``, ``a = mean(|w|)`` over every axis but the last. Unlike
-    ``magnitude_aware_sign`` the gradient also flows through ``a``:
-    ``dL/dw_j = g_j a 1(|w_j| <= clip) + sign(w_j)/n * sum_i g_i sign(w_i)`` over the channel.
+
+def _clip_pass_through(x, clip_value):
+    """``clip(x, -c, c)`` whose gradient is 1 on ``[-c, c]`` (ends included, as ``tf.clip_by_value``), else 0."""
+    inside = jnp.abs(x) <= clip_value
+    return jnp.where(inside, x, jax.lax.stop_gradient(jnp.clip(x, -clip_value, clip_value)))
+
+
+def xnor_weight_scale(w, clip_value: float | None = 1.0):
+    """XNOR-Net weight binarization (larq-zoo's ``xnor_weight_scale``): ``mean|w_c| * sign(w_c)``, w clipped.
+
+    Forward ``q(w) = a * sign(w_c)`` with ``w_c = clip(w, -clip_value, clip_value)`` and ``a = mean(|w_c|)``
+    over every axis but the last. Unlike ``magnitude_aware_sign`` the gradient also flows through ``a``:
+    ``dL/dw_j = 1(|w_j| <= clip) (g_j a + sign(w_j)/n * sum_i g_i sign(w_i))`` over the channel of ``n``
+    entries (TensorFlow's ``sign(0) = 0`` in the scale term). ``clip_value=None`` clips nothing.
 
     Args:
       w: floating-point kernel, output channels on the last axis.
-      clip_value: threshold of the STE for the sign part.
+      clip_value: the clipping range of ``w`` and the STE threshold of the sign (larq-zoo: 1).
 
     Returns:
       The scaled binary kernel in ``w``'s dtype.
 
-    Reference: Rastegari et al., "XNOR-Net", ECCV 2016 (arXiv:1603.05279).
+    Reference: Rastegari et al., "XNOR-Net", ECCV 2016 (arXiv:1603.05279); larq-zoo's XNORNet.
     """
+    _check_clip(clip_value)
     w = _as_float(w)
-    return _channel_mean_abs(w) * ste_sign(w, clip_value)
+    if clip_value is not None:
+        w = _clip_pass_through(w, clip_value)
+    a = jnp.mean(_tf_abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True)
+    return a * ste_sign(w, clip_value)
+
+
+@jax.custom_vjp
+def _scaled_sign_identity_grad(x, a):
+    return a * _sign(x)
+
+
+# The STE passes g itself, unscaled by a: Larq's custom gradient wraps the product a * sign(x).
+_scaled_sign_identity_grad.defvjp(lambda x, a: (a * _sign(x), None), lambda _, g: (g, None))
+
+
+def magnitude_aware_sign_unclipped(x):
+    """DoReFa-Net's weight binarization (larq-zoo's ``magnitude_aware_sign_unclipped``).
+
+    Forward ``q(x) = a * sign(x)`` with one scale for the whole tensor, ``a = mean(|x|)``; backward
+    ``dq/dx = 1``: an unclipped straight-through gradient, not scaled by ``a``, with ``a`` a constant.
+
+    Args:
+      x: floating-point array (a kernel).
+
+    Returns:
+      ``a * sign(x)`` in ``x``'s dtype.
+
+    Reference: Zhou et al., "DoReFa-Net", 2016 (arXiv:1606.06160); larq-zoo's DoReFaNet.
+    """
+    x = _as_float(x)
+    return _scaled_sign_identity_grad(x, jax.lax.stop_gradient(jnp.mean(jnp.abs(x))))
 
 
 # --- dorefa ---------------------------------------------------------------------------------------
@@ -323,8 +366,10 @@ def dorefa(x, k_bit: int = 2, mode: str = "activations"):
 
     ``quantize_k(r) = round((2^k - 1) r) / (2^k - 1)`` with an identity gradient for ``round``.
     ``mode="activations"``: forward ``quantize_k(clip(x, 0, 1))``, backward ``1(0 <= x <= 1)``.
-    ``mode="weights"``: forward ``2 quantize_k(tanh(x) / (2 max|tanh(x)|) + 1/2) - 1``, backward the
-    derivative of that expression with ``round`` replaced by the identity.
+    ``mode="weights"``: forward ``2 quantize_k(tanh(x) / (2 M) + 1/2) - 1`` with ``M = max|tanh(x)|``
+    (``M = 0``, an all-zero ``x``, gives ``2 quantize_k(1/2) - 1``); backward, as Larq, the derivative of
+    that expression with ``round`` replaced by the identity and ``M`` held constant:
+    ``(1 - tanh(x)^2) / M`` (0 when ``M = 0``).
 
     Args:
       x: floating-point array.
@@ -347,7 +392,11 @@ def dorefa(x, k_bit: int = 2, mode: str = "activations"):
         return _dorefa_act(x, levels)
     if mode == "weights":
         t = jnp.tanh(x)
-        t = t / (2 * jnp.max(jnp.abs(t))) + 0.5
+        # Larq holds the normalizer constant (stop_gradient), so no gradient flows through the max, and
+        # divides with divide_no_nan: an all-zero kernel maps to quantize_k(1/2), not NaN.
+        m = jax.lax.stop_gradient(jnp.max(jnp.abs(t)))
+        nonzero = m > 0
+        t = jnp.where(nonzero, t / (2 * jnp.where(nonzero, m, 1)), 0) + 0.5
         return 2 * _round_ste(t * levels) / levels - 1
     raise ValueError(f"dorefa mode must be 'activations' or 'weights', got {mode!r}.")
 
@@ -409,6 +458,7 @@ _REGISTRY: dict[str, tuple[Callable, Callable[[dict], int], bool, str | None]] =
     "ste_heaviside": (ste_heaviside, _fixed(1), False, None),
     "ste_tern": (ste_tern, _fixed(2), False, None),
     "magnitude_aware_sign": (magnitude_aware_sign, _fixed(1), False, "scaled_signs"),
+    "magnitude_aware_sign_unclipped": (magnitude_aware_sign_unclipped, _fixed(1), False, "scaled_signs"),
     "dorefa": (dorefa, lambda kw: kw.get("k_bit", 2), False, None),
     "stochastic_sign": (stochastic_sign, _fixed(1), True, "signs"),
     "xnor_weight_scale": (xnor_weight_scale, _fixed(1), False, "scaled_signs"),

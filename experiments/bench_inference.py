@@ -1,12 +1,24 @@
-"""Inference benchmark: the packed seed-000 model vs the same model in float Flax eval mode.
+"""Inference benchmark: float, Flax eval, packed and exported-artifact paths, seed 000 and QuickNet.
 
-Trains the seed-000 model briefly (or restores --workdir's checkpoint from experiments/larq_tutorial.py),
-exports it, and prints one JSON object: packed_img_s and float_img_s (batch 1000 over the test set,
-best of --repeats), packed_latency_ms and float_latency_ms (batch 1, median), file_bytes (the saved
-packed model) and predictions_identical (argmax on every test image).
+Prints one JSON line per (model, path, batch): ``img_s``, ``latency_ms`` (median of repeated calls),
+``predictions_identical`` (argmax equal to the float path's on the evaluation batch) and ``bytes``
+where a file exists. Paths:
 
-    python experiments/bench_inference.py [--train-steps 300] [--workdir DIR]
+- ``float``: ``model.apply`` on the trained variables with the packed training forward off
+  (:func:`bnnjax.ops.float_forward`): plain float32 products of ±1 values;
+- ``flax_eval``: ``model.apply`` on the trained variables as training runs it (packed forward on CPU);
+- ``packed``: ``model.apply`` on ``bnnjax.export.pack``'s variables (``bytes``: the packed variables);
+- ``artifact``: the ``save_artifact`` file, deserialized and called (``bytes``: the file);
+- ``iree``: that StableHLO compiled by IREE for this CPU (only with ``iree-base-compiler`` installed).
+
+seed 000 is trained briefly on Fashion-MNIST (``--train-steps``) and evaluated on the test set;
+QuickNet (larq-zoo's architecture, 224x224) uses random weights with randomized BatchNorm statistics
+and a random batch.
+
+    python experiments/bench_inference.py [--models seed000,quicknet] [--repeats 30]
 """
+from __future__ import annotations
+
 import argparse
 import json
 import tempfile
@@ -14,60 +26,105 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 import bnnjax
-from bnnjax import datasets, export, train
+from bnnjax import datasets, export, ops, train, zoo
 
 
-def best_seconds(fn, x, repeats):
+def median_ms(fn, x, repeats):
     jax.block_until_ready(fn(x))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn(x))
         times.append(time.perf_counter() - t)
-    return min(times)
+    return 1e3 * float(np.median(times))
+
+
+def seed000(a):
+    (xtr, ytr), (xte, _) = [datasets.load_dataset("fashion_mnist", s, a.data_dir) for s in ("train", "test")]
+    xtr, xte = datasets.preprocess(xtr), datasets.preprocess(xte)
+    model = bnnjax.models.LarqTutorialCNN()
+    state = train.create_train_state(model, optax.chain(optax.adam(1e-3), bnnjax.weight_clip()), xtr[:1])
+    n = a.train_steps * 64
+    state, _ = train.fit(state, (xtr[:n], ytr[:n]), None, epochs=1, batch_size=64, progress=False)
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, jnp.asarray(xte), (1, 1000)
+
+
+def quicknet(a):
+    model = zoo.QuickNet()
+    x = jnp.asarray(np.random.default_rng(1).uniform(-2, 2, (16, 224, 224, 3)).astype(np.float32))
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    rng = np.random.default_rng(2)
+    stats = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype), variables["batch_stats"])
+    return model, {**variables, "batch_stats": stats}, x, (1, 16)
+
+
+def iree_module(artifact_path):
+    """IREE's x86-64 compile of the artifact's StableHLO, or None when IREE is not installed."""
+    try:
+        from iree import compiler as ireec, runtime as ireert
+    except ImportError:
+        return None
+    exported = export.load_artifact(artifact_path)
+    vmfb = ireec.compile_str(exported.mlir_module(), target_backends=["llvm-cpu"], input_type="stablehlo",
+                             extra_args=["--iree-llvmcpu-target-cpu=host"])
+    config = ireert.Config("local-task")
+    ctx = ireert.SystemContext(config=config)
+    ctx.add_vm_module(ireert.VmModule.copy_buffer(ctx.instance, vmfb))
+    return ctx.modules.module["main"], len(vmfb)
+
+
+def run(name, build, a):
+    model, variables, xs, batches = build(a)
+    packed = export.pack(model, variables)
+    float_apply = jax.jit(model.apply)
+    with ops.float_forward():
+        float_fn = jax.jit(lambda v, x: model.apply(v, x))
+        ref = {b: float_fn.lower(variables, xs[:b]).compile() for b in batches}  # traced inside the block
+    tmp = tempfile.mkdtemp()
+    path = Path(tmp) / f"{name}.stablehlo"
+    file_bytes = export.save_artifact(path, model, packed, xs[:2])
+    deployed = export.load_artifact(path)
+    paths = {
+        "float": (lambda b: (lambda x: ref[b](variables, x)), None),
+        "flax_eval": (lambda b: (lambda x: float_apply(variables, x)), None),
+        "packed": (lambda b: (lambda x: float_apply(packed, x)), export.packed_bytes(packed)),
+        "artifact": (lambda b: jax.jit(deployed.call), file_bytes),
+    }
+    iree = iree_module(path) if a.iree else None
+    if iree is not None:
+        fn, vmfb_bytes = iree
+        paths["iree"] = (lambda b: (lambda x: np.asarray(fn(np.asarray(x)))), vmfb_bytes)
+    for b in batches:
+        evals = [xs[i:i + b] for i in range(0, len(xs) - b + 1, b)][: max(1, 2000 // b)]
+        want = np.concatenate([np.asarray(ref[b](variables, x)).argmax(-1) for x in evals])
+        for pname, (make, nbytes) in paths.items():
+            fn = make(b)
+            got = np.concatenate([np.asarray(fn(x)).argmax(-1) for x in evals])
+            ms = median_ms(fn, evals[0], a.repeats if b == 1 else max(3, a.repeats // 5))
+            row = {"model": name, "path": pname, "batch": b, "img_s": round(1e3 * b / ms, 1),
+                   "latency_ms": round(ms, 3), "predictions_identical": bool(np.array_equal(got, want)),
+                   "images_compared": int(got.size), "backend": jax.default_backend()}
+            if nbytes is not None:
+                row["bytes"] = int(nbytes)
+            print(json.dumps(row), flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--models", default="seed000,quicknet")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--workdir", default=None, help="restore this larq_tutorial checkpoint instead of training")
     p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--iree", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
-    (xtr, ytr), (xte, yte) = [datasets.load_dataset(a.dataset, s, a.data_dir) for s in ("train", "test")]
-    xtr, xte = datasets.preprocess(xtr), datasets.preprocess(xte)
-    model = bnnjax.models.LarqTutorialCNN()
-    state = train.create_train_state(model, optax.chain(optax.adam(1e-3), bnnjax.weight_clip()), xtr[:1])
-    restored = train.restore_checkpoint(a.workdir, state) if a.workdir else None
-    if restored is not None:
-        state = restored[0]
-    else:
-        n = a.train_steps * 64
-        state, _ = train.fit(state, (xtr[:n], ytr[:n]), None, epochs=1, batch_size=64, progress=False)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    packed = export.export(model, variables, xte[:1000])
-    with tempfile.TemporaryDirectory() as tmp:
-        file_bytes = export.save_packed(Path(tmp) / "seed000.bnn", packed)
-        packed = export.load_packed(Path(tmp) / "seed000.bnn")  # measure what a user loads
-    float_fn = jax.jit(lambda x: model.apply(variables, x))
-    over_test = lambda fn: lambda x: [fn(x[i:i + 1000]) for i in range(0, len(x), 1000)]
-    packed_s = best_seconds(over_test(packed), xte, a.repeats)
-    float_s = best_seconds(over_test(float_fn), xte, a.repeats)
-    one = xte[:1]
-    lat = lambda fn: 1e3 * float(np.median([best_seconds(fn, one, 1) for _ in range(200)]))
-    preds_p = np.concatenate([np.asarray(packed(xte[i:i + 1000])).argmax(-1) for i in range(0, len(xte), 1000)])
-    preds_f = np.concatenate([np.asarray(float_fn(xte[i:i + 1000])).argmax(-1) for i in range(0, len(xte), 1000)])
-    print(json.dumps({"benchmark": "inference_seed000", "dataset": a.dataset, "test_images": len(xte),
-                      "packed_img_s": round(len(xte) / packed_s, 1), "float_img_s": round(len(xte) / float_s, 1),
-                      "speedup": round(float_s / packed_s, 2), "packed_latency_ms": round(lat(packed), 4),
-                      "float_latency_ms": round(lat(float_fn), 4), "file_bytes": file_bytes,
-                      "predictions_identical": bool(np.array_equal(preds_p, preds_f)),
-                      "test_accuracy_packed": float(np.mean(preds_p == yte)), "backend": jax.default_backend()}))
+    builders = {"seed000": seed000, "quicknet": quicknet}
+    for name in a.models.split(","):
+        run(name, builders[name], a)
 
 
 if __name__ == "__main__":

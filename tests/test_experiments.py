@@ -45,8 +45,8 @@ def test_larq_tutorial_with_export(data_dir, tmp_path):
     cfg = m.Config(data_dir=data_dir, epochs=2, export=True, progress=False)
     r = m.train_and_evaluate(cfg, str(tmp_path))
     check(r, tmp_path, 2, "larq_tutorial")
-    assert r["predictions_identical"] is True and r["packed_file_bytes"] <= 16 * 1024
-    assert (tmp_path / "model.bnn").exists()
+    assert r["predictions_identical"] is True and r["packed_variables_bytes"] <= 16 * 1024
+    assert (tmp_path / "model.stablehlo").stat().st_size == r["packed_file_bytes"]
 
 
 def test_larq_report_warns_that_it_trains_unclipped(data_dir, tmp_path, monkeypatch):
@@ -99,7 +99,7 @@ def test_abcnet_convert_finetune_sweep_and_scratch(data_dir, tmp_path, capsys):
     scratch = m.train_and_evaluate(dataclasses.replace(cfg, from_scratch=True, sweep=False, export=True),
                                    str(tmp_path))
     check(scratch, tmp_path / "scratch", 1, "abcnet_scratch")
-    assert scratch["predictions_identical"] is True and (tmp_path / "scratch" / "model.bnn").exists()
+    assert scratch["predictions_identical"] is True and (tmp_path / "scratch" / "model.stablehlo").exists()
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "bop"])

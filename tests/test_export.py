@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -6,9 +8,11 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from flax import serialization
 
 import bnnjax
-from bnnjax import datasets, export, train
+from bnnjax import datasets, export, ops, train, zoo
+from bnnjax import packing as pk
 from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
@@ -35,164 +39,102 @@ def randomize_bn(variables, seed=0, negative_scale=False):
     return jax.tree_util.tree_map_with_path(visit, variables)
 
 
+def packed_kernels(tree):
+    return [l for l in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, pk.PackedKernel))
+            if isinstance(l, pk.PackedKernel)]
+
+
 class Mixed(nn.Module):
-    """Covers: real first layer, SAME zero- and one-padding, strides, BN before and after pooling,
-    C not a multiple of 32 into Flatten, a float last layer with bias."""
+    """Real first layer with a 1-bit kernel, SAME zero- and one-padding, strides, a dilated conv, BN
+    before and after pooling, a residual add and a concatenation written as plain jnp code, C not a
+    multiple of 32 into a flatten, scaled (XNOR-Net) kernels, a float last layer with bias."""
 
     @nn.compact
     def __call__(self, x, train=False):
         bn = lambda: nn.BatchNorm(use_running_average=not train)
         x = QuantConv(20, (3, 3), padding="SAME", kernel_quantizer="ste_sign", use_bias=False)(x)
         x = bn()(MaxPool((2, 2))(x))
-        x = QuantConv(40, (3, 3), padding="SAME", use_bias=False, **B)(x)  # zero padding: needs correction
-        x = MaxPool((2, 2))(bn()(x))  # BN before the pool
-        x = QuantConv(24, (3, 3), strides=(2, 2), padding="SAME", pad_values=1.0, use_bias=False, **B)(x)
+        y = QuantConv(20, (3, 3), padding="SAME", use_bias=False, **B)(x)  # zero padding: corrected
+        x = bn()(y) + x  # residual add
+        y = QuantConv(12, (3, 3), kernel_dilation=2, padding="SAME", pad_values=1.0, use_bias=False, **B)(x)
+        x = jnp.concatenate([x, bn()(y)], axis=-1)  # dense-block concatenation
+        x = MaxPool((2, 2))(x)
+        x = QuantConv(24, (3, 3), strides=(2, 2), padding="SAME", input_quantizer="ste_sign",
+                      kernel_quantizer="xnor_weight_scale", use_bias=False)(x)
         x = Flatten()(bn()(x))
-        x = QuantDense(33, use_bias=False, **B)(x)
+        x = QuantDense(33, input_quantizer="approx_sign", kernel_quantizer="magnitude_aware_sign")(x)
         x = bn()(x)
-        return nn.Dense(5)(x)  # full-precision last layer
+        return nn.Dense(5)(x)
 
 
-@pytest.mark.parametrize("negative_scale", [False, True])
-def test_mixed_model_exports_exactly(negative_scale, tmp_path):
-    model = Mixed()
-    x = jax.random.normal(jax.random.key(0), (64, 15, 13, 3))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]), negative_scale=negative_scale)
-    packed = export.export(model, v, x)
-    kinds = [op["op"] for op in packed.ops]
-    assert kinds.count("bconv") == 2 and kinds.count("bdense") == 1 and "maxpool_bits" in kinds
-    assert "correction" in packed.ops[kinds.index("bconv")]  # zero-padded SAME conv got LCE's correction
-    ref = model.apply(v, x)
-    got = packed(x)
-    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(ref, -1))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
-    path = tmp_path / "m.bnn"
-    export.save_packed(path, packed)
-    assert path.read_bytes()[:1] != b"\x80"  # msgpack, not a pickle stream
-    np.testing.assert_array_equal(export.load_packed(path)(x), got)
-
-
-def test_seed000_batch1_and_file_size(tmp_path):
-    model = bnnjax.models.LarqTutorialCNN()
-    x = jax.random.normal(jax.random.key(0), (32, 28, 28, 1))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = export.export(model, v, x)
-    assert all(op["op"] not in ("sign", "affine") for op in packed.ops[:-1])  # bits flow layer to layer
-    np.testing.assert_allclose(packed(x[:1]), model.apply(v, x[:1]), atol=1e-4)
-    size = export.save_packed(tmp_path / "s.bnn", packed)
-    assert size <= 16 * 1024
-
-
-@pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
-def test_trained_seed000_predicts_identically_on_the_real_test_set(tmp_path):
-    (x, y), (xt, yt) = [datasets.load_dataset("fashion_mnist", s) for s in ("train", "test")]
-    x, xt = datasets.preprocess(x[:6400]), datasets.preprocess(xt)
-    model = bnnjax.models.LarqTutorialCNN()
-    state = train.create_train_state(model, optax.chain(optax.adam(1e-3), bnnjax.weight_clip()), x[:1])
-    state, _ = train.fit(state, (x, y[:6400]), None, epochs=1, batch_size=64, progress=False)
-    v = {"params": state.params, "batch_stats": state.batch_stats}
-    export.save_packed(tmp_path / "seed000.bnn", export.export(model, v, xt[:500]))
-    packed = export.load_packed(tmp_path / "seed000.bnn")
-    apply = jax.jit(lambda a: model.apply(v, a))
-    for i in range(0, 10000, 2000):
-        ref, got = np.asarray(apply(xt[i:i + 2000])), np.asarray(packed(xt[i:i + 2000]))
-        np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
-
-
-def test_errors_name_the_layer():
-    x = jnp.ones((2, 8))
-
-    class Unknown(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            return nn.LayerNorm()(QuantDense(4, **B)(x))
-
-    v = Unknown().init(jax.random.key(0), x)
-    with pytest.raises(export.ExportError, match="LayerNorm_0.*cannot be exported"):
-        export.export(Unknown(), v, x)
-
-    class NotBinaryInput(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            return QuantDense(4, input_quantizer="dorefa", kernel_quantizer="ste_sign")(x)
-
-    v = NotBinaryInput().init(jax.random.key(0), x)
-    with pytest.raises(export.ExportError, match="QuantDense_0.*dorefa"):
-        export.export(NotBinaryInput(), v, x)
-
-    class Hidden(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            x = QuantDense(16, kernel_quantizer="ste_sign")(x)
-            x = jnp.abs(x) - 3.0  # invisible to the exporter
-            return QuantDense(3, **B)(x)
-
-    xs = jax.random.normal(jax.random.key(3), (64, 8))
-    v = Hidden().init(jax.random.key(0), xs)
-    with pytest.raises(export.ExportError, match="cannot see"):
-        export.export(Hidden(), v, xs)
-
-
-def test_wrong_input_shape_and_bad_files(tmp_path):
-    model = bnnjax.models.LarqTutorialCNN()
-    x = jnp.zeros((2, 28, 28, 1))
-    packed = export.export(model, model.init(jax.random.key(0), x), x)
-    with pytest.raises(ValueError, match=r"\(batch, 28, 28, 1\), got \(2, 32, 32, 1\)"):
-        packed(jnp.zeros((2, 32, 32, 1)))
-    (tmp_path / "bad.bnn").write_bytes(b"\x93not msgpack at all")
-    with pytest.raises(ValueError, match="bad.bnn"):
-        export.load_packed(tmp_path / "bad.bnn")
-    from flax import serialization
-    (tmp_path / "other.bnn").write_bytes(serialization.msgpack_serialize({"format": "something-else"}))
-    with pytest.raises(ValueError, match="not a bnnjax packed model"):
-        export.load_packed(tmp_path / "other.bnn")
-
-
-class XnorStyle(nn.Module):
-    """Scaled sign kernels (XNOR-Net) whose per-channel scales fold into the thresholds."""
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        bn = lambda: nn.BatchNorm(use_running_average=not train)
-        xnor = dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight_scale", use_bias=False)
-        x = MaxPool((2, 2))(nn.Conv(12, (3, 3), padding="SAME", use_bias=False)(x))
-        x = MaxPool((2, 2))(QuantConv(16, (3, 3), padding="SAME", **xnor)(bn()(x)))
-        x = QuantDense(24, **xnor)(bn()(Flatten()(x)))
-        return nn.Dense(4)(bn()(x))
-
-
-def test_xnor_scaled_kernels_export_exactly():
-    model = XnorStyle()
-    x = jax.random.normal(jax.random.key(0), (64, 12, 12, 2))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]), seed=2, negative_scale=True)
-    packed = export.export(model, v, x)
-    kinds = [op["op"] for op in packed.ops]
-    assert "bconv" in kinds and "bdense" in kinds and "maxpool_bits" in kinds
-    np.testing.assert_array_equal(np.argmax(packed(x), -1), np.argmax(model.apply(v, x), -1))
-    np.testing.assert_allclose(packed(x), model.apply(v, x), rtol=1e-5, atol=1e-4)
-
-
-def _exports_like_the_model(model, variables, x, tmp_path):
-    packed = export.export(model, variables, x)
-    want = np.asarray(model.apply(variables, x))
-    export.save_packed(tmp_path / "m.bnn", packed)
-    for p in (packed, export.load_packed(tmp_path / "m.bnn")):
-        got = np.asarray(p(x))
-        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+def _packs_like_the_model(model, variables, x, n_packed):
+    packed = export.pack(model, variables, x)
+    assert len(packed_kernels(packed)) == n_packed
+    want = np.asarray(jax.jit(model.apply)(variables, x))
+    got = np.asarray(jax.jit(model.apply)(packed, x))
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
     return packed
 
 
-def test_bireal_residual_net_exports_with_packed_binary_convs(tmp_path):
-    """Residual blocks (identity and average-pool + 1x1 conv shortcuts, stride 2, SAME zero padding,
-    odd spatial sizes, magnitude-aware kernels) run their binary convs packed and match the model."""
-    model = bnnjax.models.BiRealNet(stage_sizes=(1, 2, 1), width=8)
-    x = jax.random.uniform(jax.random.key(2), (16, 13, 13, 1), minval=-1, maxval=1)
+@pytest.mark.parametrize("negative_scale", [False, True])
+def test_any_flax_model_packs_and_predicts_like_the_float_model(negative_scale, tmp_path):
+    model = Mixed()
+    x = jax.random.normal(jax.random.key(0), (32, 15, 13, 3))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]), negative_scale=negative_scale)
+    packed = _packs_like_the_model(model, v, x, n_packed=5)
+    # every 1-bit kernel is stored 1 bit per weight, real-input ones too; float layers untouched
+    first = packed["params"]["QuantConv_0"]["kernel"]
+    assert not first.per_tap and first.words.shape == (20, pk.num_words(27))
+    assert packed["params"]["Dense_0"]["kernel"] is v["params"]["Dense_0"]["kernel"]
+    # the packed layers really run the XNOR-popcount kernels
+    assert "population_count" in str(jax.make_jaxpr(model.apply)(packed, x))
+
+
+def test_packed_files_roundtrip_and_old_or_foreign_files_are_refused(tmp_path):
+    model = Mixed()
+    x = jax.random.normal(jax.random.key(0), (8, 15, 13, 3))
     v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = _exports_like_the_model(model, v, x, tmp_path)
-    ops = [o["op"] for o in packed.ops]
-    assert ops.count("bconv") == 4 and ops.count("add") == 4 and ops.count("avgpool") == 2
+    packed = export.pack(model, v)
+    path = tmp_path / "m.msgpack"
+    size = export.save_packed(path, packed)
+    assert size == path.stat().st_size and path.read_bytes()[:1] != b"\x80"  # msgpack, not pickle
+    np.testing.assert_array_equal(model.apply(export.load_packed(path), x), model.apply(packed, x))
+    (tmp_path / "old.bnn").write_bytes(serialization.msgpack_serialize({"format": "bnnjax-packed", "version": 1}))
+    with pytest.raises(ValueError, match="retired op-list exporter.*export.pack"):
+        export.load_packed(tmp_path / "old.bnn")
+    (tmp_path / "bad.bnn").write_bytes(b"\x93not msgpack at all")
+    with pytest.raises(ValueError, match="bad.bnn"):
+        export.load_packed(tmp_path / "bad.bnn")
+    (tmp_path / "other.bnn").write_bytes(serialization.msgpack_serialize({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a bnnjax packed-variables file"):
+        export.load_packed(tmp_path / "other.bnn")
+    with pytest.raises(FileNotFoundError):
+        export.load_packed(tmp_path / "missing.bnn")
+
+
+def test_pack_verifies_against_the_float_model(monkeypatch):
+    model = bnnjax.models.LarqTutorialCNN()
+    x = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    export.pack(model, v, x)  # agrees
+    original = ops.packed_dense
+    monkeypatch.setattr(ops, "packed_dense", lambda *a, **k: -original(*a, **k))
+    with pytest.raises(export.ExportError, match="differ"):
+        export.pack(model, v, x)
+
+
+def test_seed000_packed_size_is_larqs_bit_count_plus_batchnorm_statistics():
+    """The binary kernels take 1 bit per weight (words of 32); the float numbers are BatchNorm's three
+    per channel (mean, variance, offset: Larq's summary counts BatchNorm as two fused numbers)."""
+    model = bnnjax.models.LarqTutorialCNN()
+    v = model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
+    packed = export.pack(model, v)
+    words = sum(k.words.size for k in packed_kernels(packed))
+    # Larq's 93,088 binary weights; the first layer's 9 bits per output channel fill a word of 32
+    assert words * 32 == 93_088 + 32 * (32 - 9)
+    bn_channels = 32 + 64 + 64 + 64 + 10
+    assert export.packed_bytes(packed) == 4 * words + 4 * 3 * bn_channels
 
 
 class ABCModel(nn.Module):
@@ -202,33 +144,84 @@ class ABCModel(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         x = bnnjax.ABCConv(6, (3, 3), strides=2, num_weight_bases=self.m, num_act_bases=self.n)(x)
-        x = nn.BatchNorm(use_running_average=not train)(MaxPool((2, 2))(x))
-        x = bnnjax.layers.Activation("relu")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(MaxPool((2, 2))(x)))
         x = bnnjax.ABCConv(5, (3, 3), padding="VALID", num_weight_bases=self.m, num_act_bases=self.n,
                            use_bias=False)(x)
         x = bnnjax.ABCDense(7, num_weight_bases=self.m, num_act_bases=self.n)(Flatten()(x))
-        return nn.Dense(3)(bnnjax.layers.Activation("relu")(x))
+        return nn.Dense(3)(nn.relu(x))
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (3, 2), (2, None)])
-def test_abc_layers_export_as_m_by_n_packed_binary_ops(m, n, tmp_path):
+def test_abc_layers_run_their_m_by_n_binary_ops_packed(m, n):
     model = ABCModel(m, n)
     x = jax.random.uniform(jax.random.key(2), (16, 15, 15, 3))
     v = randomize_bn(model.init(jax.random.key(1), x[:1]))
     # learned shifts and betas, not the defaults
     v = jax.tree_util.tree_map_with_path(
         lambda p, a: a * 1.3 + 0.05 if getattr(p[-1], "key", None) in ("shift", "beta") else a, v)
-    packed = _exports_like_the_model(model, v, x, tmp_path)
-    ops = [o["op"] for o in packed.ops]
-    assert ops.count("abc_conv") == (2 if n else 0) and ops.count("abc_dense") == (1 if n else 0)
+    packed = _packs_like_the_model(model, v, x, n_packed=3 if n else 0)
+    for k in packed_kernels(packed):
+        assert k.words.shape[0] == m and k.alpha.shape == (m,)
 
 
-def test_unsupported_activation_is_a_clear_export_error():
-    class Tanh(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            return QuantDense(3, **B)(bnnjax.layers.Activation("tanh")(x))
+def test_bireal_residual_net_packs(tmp_path):
+    """Residual blocks (identity and average-pool + 1x1 conv shortcuts, stride 2, SAME zero padding,
+    odd spatial sizes, magnitude-aware kernels)."""
+    model = bnnjax.models.BiRealNet(stage_sizes=(1, 2, 1), width=8)
+    x = jax.random.uniform(jax.random.key(2), (16, 13, 13, 1), minval=-1, maxval=1)
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    _packs_like_the_model(model, v, x, n_packed=4)
 
-    x = jnp.ones((2, 4))
-    with pytest.raises(export.ExportError, match="Activation_0.*'tanh'"):
-        export.export(Tanh(), Tanh().init(jax.random.key(0), x), x)
+
+def test_quicknet_packs_at_a_small_input_size():
+    """A zoo model (one-padded binary blocks, blur-pool transitions, constants collection) packs."""
+    model = zoo.QuickNet(num_classes=10, section_blocks=(1, 1, 1, 1), section_filters=(32, 64, 64, 96))
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    _packs_like_the_model(model, v, x, n_packed=4)
+
+
+ARTIFACT_RUNNER = """
+import sys
+sys.modules["bnnjax"] = None  # the artifact must run with jax alone
+import jax, numpy as np
+exported = jax.export.deserialize(bytearray(open(sys.argv[1], "rb").read()))
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(exported.call(x)))
+"""
+
+
+def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path):
+    model = bnnjax.models.LarqTutorialCNN()
+    x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    packed = export.pack(model, v)
+    path = tmp_path / "seed000.stablehlo"
+    size = export.save_artifact(path, model, packed, x[:2])
+    assert size == path.stat().st_size < 80_000
+    x5 = np.asarray(jax.random.normal(jax.random.key(3), (5, 28, 28, 1)))
+    np.save(tmp_path / "x.npy", x5)
+    (tmp_path / "run.py").write_text(ARTIFACT_RUNNER)
+    subprocess.run([sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], check=True, cwd=tmp_path, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(v, x5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(export.load_artifact(path).call(x5), model.apply(packed, x5), rtol=1e-5, atol=1e-5)
+    (tmp_path / "bad.stablehlo").write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="not a jax.export artifact"):
+        export.load_artifact(tmp_path / "bad.stablehlo")
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_trained_seed000_predicts_identically_on_the_real_test_set():
+    (x, y), (xt, yt) = [datasets.load_dataset("fashion_mnist", s) for s in ("train", "test")]
+    x, xt = datasets.preprocess(x[:6400]), datasets.preprocess(xt)
+    model = bnnjax.models.LarqTutorialCNN()
+    state = train.create_train_state(model, optax.chain(optax.adam(1e-3), bnnjax.weight_clip()), x[:1])
+    state, _ = train.fit(state, (x, y[:6400]), None, epochs=1, batch_size=64, progress=False)
+    v = {"params": state.params, "batch_stats": state.batch_stats}
+    packed = export.pack(model, v, xt[:500])
+    apply = jax.jit(model.apply)
+    for i in range(0, 10000, 2000):
+        ref, got = np.asarray(apply(v, xt[i:i + 2000])), np.asarray(apply(packed, xt[i:i + 2000]))
+        np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)

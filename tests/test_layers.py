@@ -191,6 +191,7 @@ PACKED_CASES = [
     (L.QuantConv(6, (3, 3), strides=2, padding="SAME", input_quantizer="approx_sign",
                  kernel_quantizer="magnitude_aware_sign"), (2, 7, 7, 5)),
     (L.QuantDense(5, input_quantizer="ste_sign", kernel_quantizer="xnor_weight_scale"), (3, 70)),
+    (L.QuantConv(4, (3, 3), kernel_dilation=2, padding="SAME", **BIN), (2, 9, 7, 6)),
 ]
 
 

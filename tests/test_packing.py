@@ -54,29 +54,32 @@ def test_batched_leading_axes_and_errors():
         pk.xnor_matmul(jnp.ones((2, 2)), pk.pack_bits(b), 50)
 
 
-def float_conv(x, w, strides, padding):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def float_conv(x, w, strides, padding, dilation=(1, 1)):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("shape,kernel_hw,cout,strides", [
-    ((1, 7, 7, 32), (3, 3), 8, (1, 1)),     # batch 1, odd spatial size
-    ((2, 9, 8, 5), (3, 3), 4, (2, 2)),      # C not a multiple of 32, strides
-    ((3, 6, 11, 40), (2, 3), 3, (1, 2)),
-    ((1, 5, 5, 64), (5, 5), 2, (1, 1)),
-    ((2, 8, 8, 1), (1, 1), 6, (1, 1)),
+@pytest.mark.parametrize("shape,kernel_hw,cout,strides,dilation", [
+    ((1, 7, 7, 32), (3, 3), 8, (1, 1), (1, 1)),     # batch 1, odd spatial size
+    ((2, 9, 8, 5), (3, 3), 4, (2, 2), (1, 1)),      # C not a multiple of 32, strides
+    ((3, 6, 11, 40), (2, 3), 3, (1, 2), (1, 1)),
+    ((1, 5, 5, 64), (5, 5), 2, (1, 1), (1, 1)),
+    ((2, 8, 8, 1), (1, 1), 6, (1, 1), (1, 1)),
+    ((1, 11, 9, 33), (3, 3), 5, (1, 1), (2, 3)),    # dilated (BinaryDenseNet37Dilated)
 ])
 @pytest.mark.parametrize("padding", ["VALID", "SAME_ONE", "SAME_ZERO"])
-def test_binary_conv2d_equals_lax_conv(shape, kernel_hw, cout, strides, padding):
+def test_binary_conv2d_equals_lax_conv(shape, kernel_hw, cout, strides, dilation, padding):
     rng = np.random.default_rng(sum(shape))
     x, w = pm1(rng, shape), pm1(rng, kernel_hw + (shape[-1], cout))
     k = int(np.prod(kernel_hw)) * shape[-1]
-    pads = jax.lax.padtype_to_pads(shape[1:3], kernel_hw, strides, "VALID" if padding == "VALID" else "SAME")
+    dilated = tuple((h - 1) * d + 1 for h, d in zip(kernel_hw, dilation))
+    pads = jax.lax.padtype_to_pads(shape[1:3], dilated, strides, "VALID" if padding == "VALID" else "SAME")
     if padding == "SAME_ONE":
-        ref = float_conv(jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=1.0), w, strides, "VALID")
+        ref = float_conv(jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=1.0), w, strides, "VALID", dilation)
     else:
-        ref = float_conv(x, w, strides, pads)
-    corr = pk.pad_correction(w, shape[1:3], strides, pads) if padding == "SAME_ZERO" else None
-    out = jax.jit(lambda xw, kw: pk.binary_conv2d(xw, kw, k, kernel_hw, strides, pads, corr))(
+        ref = float_conv(x, w, strides, pads, dilation)
+    corr = pk.pad_correction(pk.tap_sums(w), shape[1:3], strides, pads, dilation) if padding == "SAME_ZERO" else None
+    out = jax.jit(lambda xw, kw: pk.binary_conv2d(xw, kw, k, kernel_hw, strides, pads, corr, dilation))(
         pk.pack_bits(x), pk.pack_kernel(w))
     np.testing.assert_array_equal(out, np.asarray(ref).astype(np.int32))
 

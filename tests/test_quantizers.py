@@ -47,10 +47,10 @@ def test_values_flag_matches_what_the_quantizer_outputs(name):
 
 
 @pytest.mark.parametrize("name", ["ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign",
-                                  "xnor_weight_scale"])
+                                  "xnor_weight_scale", "magnitude_aware_sign_unclipped"])
 def test_binary_quantizers_map_zero_to_plus_one(name):
     x = jnp.zeros((5,))
-    if name in ("magnitude_aware_sign", "xnor_weight_scale"):
+    if name in ("magnitude_aware_sign", "xnor_weight_scale", "magnitude_aware_sign_unclipped"):
         x = jnp.array([0.0, 1.0, -1.0, 0.0, 1.0])[:, None]  # scale 1: the sign is visible
     np.testing.assert_array_equal(np.sign(call(name, x)), np.where(np.asarray(x) >= 0, 1.0, -1.0))
 
@@ -107,16 +107,34 @@ def test_magnitude_aware_sign_scales_per_channel_and_stops_gradient_through_scal
     np.testing.assert_allclose(g, a * (np.abs(np.asarray(w)) <= 1), rtol=1e-6)
 
 
-def test_xnor_weight_scale_gradient_includes_the_scale_term():
+def test_xnor_weight_scale_clips_like_larq_zoo_and_its_gradient_includes_the_scale_term():
     w = jax.random.normal(KEY, (6, 4)) * 0.8
+    w = w.at[0].set(jnp.array([0.0, 1.0, -1.0, 1.7]))  # a zero, both clip ends and a clipped entry
     cot = jax.random.normal(jax.random.key(1), (6, 4))
-    _, vjp = jax.vjp(q.xnor_weight_scale, w)
-    g = np.asarray(vjp(cot)[0])
     wn, c = np.asarray(w), np.asarray(cot)
-    s = np.where(wn >= 0, 1.0, -1.0)
-    a = np.mean(np.abs(wn), axis=0)
-    expected = c * a * (np.abs(wn) <= 1) + s / wn.shape[0] * np.sum(c * s, axis=0)
-    np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
+    inside = np.abs(wn) <= 1
+    a = np.mean(np.abs(np.clip(wn, -1, 1)), axis=0)
+    np.testing.assert_allclose(q.xnor_weight_scale(w), a * np.where(wn >= 0, 1.0, -1.0), rtol=1e-6)
+    # q = a sign(w_c), w_c = clip(w, -1, 1), a = mean|w_c| per column of n entries: d w_c / dw = 1(|w| <= 1),
+    # d q_i / d w_c_j = a delta_ij (STE) + sign(w_c_i) sign(w_c_j) / n (TensorFlow's sign(0) = 0 for |.|')
+    _, vjp = jax.vjp(q.xnor_weight_scale, w)
+    s_tf = np.sign(wn)
+    expected = inside * (c * a + s_tf / wn.shape[0] * np.sum(c * np.where(wn >= 0, 1.0, -1.0), axis=0))
+    np.testing.assert_allclose(vjp(cot)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_xnor_weight_scale_without_clip_uses_the_raw_kernel():
+    w = jnp.array([[2.0, -0.5], [-1.0, 3.0]])
+    np.testing.assert_allclose(q.xnor_weight_scale(w, None), [[1.5, -1.75], [-1.5, 1.75]])
+
+
+def test_magnitude_aware_sign_unclipped_scales_per_tensor_with_identity_gradient():
+    w = jax.random.normal(KEY, (3, 3, 4, 5)) * 1.5  # entries beyond 1: the STE is not clipped
+    a = np.mean(np.abs(np.asarray(w)))
+    np.testing.assert_allclose(q.magnitude_aware_sign_unclipped(w), a * np.where(np.asarray(w) >= 0, 1, -1), rtol=1e-6)
+    cot = jax.random.normal(jax.random.key(1), w.shape)
+    _, vjp = jax.vjp(q.magnitude_aware_sign_unclipped, w)
+    np.testing.assert_array_equal(vjp(cot)[0], cot)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -127,16 +145,36 @@ def test_dorefa_activations(k):
     np.testing.assert_array_equal(grad_of(lambda a: q.dorefa(a, k_bit=k), X), ((x >= 0) & (x <= 1)).astype(np.float32))
 
 
+# a unique max |w| (-2.0), a tied pair (+-1.4), repeated values and zeros
+W_DOREFA = jnp.array([[0.3, -0.9, 0.0], [1.4, -1.4, 0.05], [-2.0, 0.7, 0.0], [0.3, 1e-3, -0.6]], jnp.float32)
+COT_DOREFA = jnp.array([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0], [2.0, 1.5, -0.75], [-0.5, 1.0, 2.0]], jnp.float32)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_dorefa_weights_values_and_identity_round_gradient(k):
+@pytest.mark.parametrize("w", [W_DOREFA, W_DOREFA[:2], jax.random.normal(KEY, (17,))],
+                         ids=["unique_max", "tied_max", "normal"])
+def test_dorefa_weights_values_and_larq_gradient(k, w):
     n = 2 ** k - 1
-    w = jax.random.normal(KEY, (17,))
     t = np.tanh(np.asarray(w, np.float64))
-    t = t / (2 * np.max(np.abs(t))) + 0.5
-    np.testing.assert_allclose(q.dorefa(w, k_bit=k, mode="weights"), 2 * np.round(t * n) / n - 1, atol=1e-6)
-    smooth = lambda a: jnp.tanh(a) / jnp.max(jnp.abs(jnp.tanh(a)))  # the formula with round -> identity
-    np.testing.assert_allclose(grad_of(lambda a: q.dorefa(a, k_bit=k, mode="weights"), w), grad_of(smooth, w),
-                               rtol=1e-5, atol=1e-6)
+    m = np.max(np.abs(t))
+    np.testing.assert_allclose(q.dorefa(w, k_bit=k, mode="weights"), 2 * np.round((t / (2 * m) + 0.5) * n) / n - 1,
+                               atol=1e-6)
+    # q(w) = 2 round(n (tanh(w) / (2M) + 1/2)) / n - 1 with M = max|tanh(w)|. Larq 0.14 replaces round by the
+    # identity and stops the gradient of M, so dL/dw = g (1 - tanh(w)^2) / M at every entry, the entries
+    # attaining M included (a gradient through M would add -sign(w) (1 - tanh^2) sum(g tanh(w)) / M^2 there).
+    cot = jnp.resize(COT_DOREFA, w.shape)
+    _, vjp = jax.vjp(lambda a: q.dorefa(a, k_bit=k, mode="weights"), w)
+    np.testing.assert_allclose(vjp(cot)[0], np.asarray(cot) * (1 - t ** 2) / m, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dorefa_weights_all_zero_kernel_is_finite_like_larq(k):
+    """Larq normalizes with divide_no_nan: zeros map to 2 quantize_k(1/2) - 1 with a zero gradient."""
+    n = 2 ** k - 1
+    z = jnp.zeros((2, 3))
+    np.testing.assert_allclose(q.dorefa(z, k_bit=k, mode="weights"), np.full((2, 3), 2 * np.round(n / 2) / n - 1),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(grad_of(lambda a: q.dorefa(a, k_bit=k, mode="weights"), z), np.zeros((2, 3)))
 
 
 def test_dorefa_bad_arguments():

@@ -52,7 +52,7 @@ def weights_path(name: str, include_top: bool = True, *, cache_dir: str | os.Pat
                  progress: bool = True) -> Path:
     """The local copy of larq-zoo's released ImageNet weights of ``name``, downloaded on first use.
 
-    The file comes from larq-zoo's GitHub release (or ``$BNNJAX_DATASET_MIRROR/<file name>``), is
+    The file comes from larq-zoo's GitHub release (or ``$BNNJAX_DATASET_MIRROR/zoo/<file name>``), is
     SHA-256 checked and cached under ``cache_dir`` (default ``$BNNJAX_DATA_DIR/zoo``, i.e.
     ``~/.cache/bnnjax/zoo``).
 
@@ -69,7 +69,8 @@ def weights_path(name: str, include_top: bool = True, *, cache_dir: str | os.Pat
         raise ValueError(f"larq-zoo releases no ImageNet weights for {name} with include_top={include_top}.")
     w = files[include_top]
     cache = Path(cache_dir) if cache_dir is not None else datasets.default_cache_dir() / "zoo"
-    return _download.fetch(_download.Remote(w.url, w.sha256, w.filename), cache, progress=progress)
+    remote = _download.Remote(w.url, w.sha256, w.filename, mirror_path=f"zoo/{w.filename}")
+    return _download.fetch(remote, cache, progress=progress)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, input_shape=DEFAULT_INPUT_SHAPE) -> dict:

@@ -19,11 +19,12 @@ from flax import linen as nn
 from flax import traverse_util
 
 from bnnjax import layers as L
+from bnnjax._download import DataError
 
 __all__ = ["WeightsFileError", "read_weights", "record_layers", "assign"]
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(DataError, ValueError):
     """A weights file that cannot be read, or does not fit the model (the message says where)."""
 
 
