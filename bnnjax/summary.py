@@ -23,7 +23,7 @@ from bnnjax import quantizers
 __all__ = ["summary", "LayerProfile"]
 
 _MAC_LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose, L.QuantDense, L.QuantConv, L.QuantDepthwiseConv2D,
-               L.ABCDense, L.ABCConv)
+               L.ABCDense, L.ABCConv, L.FixedDepthwiseConv2D)
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def _profile(name, module, own, in_shape, out_shape) -> LayerProfile:
                 non_trainable += size
     in_prec = _input_precision(module)
     macs: dict[int, int] = {}
-    kernel = own.get("params", {}).get("kernel")
+    kernel = own.get("params", {}).get("kernel", own.get("constants", {}).get("kernel"))
     if isinstance(module, _MAC_LAYERS) and kernel is not None and out_shape:
         kshape = kernel.value.shape if L.is_quantized(kernel) else kernel.shape
         positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 1 else 1
@@ -109,11 +109,11 @@ def _trace(module: nn.Module, args, kwargs, rngs):
                           shape_of(a[0]) if a else (), shape_of(out)))
         return out
 
-    def init():
+    def init(*arrays):
         with nn.intercept_methods(interceptor):
-            return module.init(rngs, *args, **kwargs)
+            return module.init(rngs, *arrays, **kwargs)
 
-    variables = jax.eval_shape(init)
+    variables = jax.eval_shape(init, *args)
     return variables, calls
 
 
@@ -125,8 +125,24 @@ def _kib(bits):
     return bits / 8 / 1024
 
 
-def _count(n):
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+def _count(n) -> str:
+    """A count to 3 significant figures with k/M/B/T, as Larq prints it (``13.2 M``, ``1.88 B``)."""
+    n = float(f"{n:.3g}")  # round first, so 999,999 reads 1 M, not 1000 k
+    if n < 1000:
+        return f"{n:g}"
+    units = 0
+    while n >= 1000 and units < 4:
+        n, units = n / 1000, units + 1
+    return f"{n:.3g}" + ["", " k", " M", " B", " T"][units]
+
+
+def _memory(kib: float) -> str:
+    """A size with the largest binary prefix under 1024, as Larq prints it (``13.19 KiB``, ``4.17 MiB``)."""
+    size = kib * 1024
+    for suffix in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or suffix == "GiB":
+            return f"{size:.2f} {suffix}"
+        size /= 1024
 
 
 def _table(title, header, rows, footer=None):
@@ -220,11 +236,13 @@ def _render(title, profiles, r):
         ["Total params", _count(r["total_params"])],
         ["Trainable params", _count(r["trainable_params"])],
         ["Non-trainable params", _count(r["non_trainable_params"])],
-        ["Model size", f"{r['memory_kib']:.2f} KiB"],
-        ["Model size (8-bit FP weights)", f"{r['memory_8bit_kib']:.2f} KiB"],
-        ["Float-32 Equivalent", f"{r['float32_kib']:.2f} KiB"],
+        ["Model size", _memory(r["memory_kib"])],
+        ["Model size (8-bit FP weights)", _memory(r["memory_8bit_kib"])],
+        ["Float-32 Equivalent", _memory(r["float32_kib"])],
         ["Compression Ratio of Memory", f"{r['compression_ratio']:.2f}"],
         ["Number of MACs", _count(r["total_macs"])],
-        ["Ratio of MACs that are binarized", f"{r['binarized_mac_ratio']:.4f}"],
     ]
+    for bits, word in ((1, "binarized"), (2, "ternarized")):  # the lines Larq prints when non-zero
+        if r["macs_by_bits"].get(bits):
+            summ.append([f"Ratio of MACs that are {word}", f"{r['macs_by_bits'][bits] / r['total_macs']:.4f}"])
     return stats + "\n" + _table(f"{title} summary", None, summ)

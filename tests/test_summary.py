@@ -4,6 +4,7 @@ import pytest
 from flax import linen as nn
 
 import bnnjax
+import bnnjax.zoo
 from bnnjax import layers as L
 from bnnjax.models import LarqTutorialCNN
 
@@ -55,3 +56,24 @@ def test_summary_of_depthwise_and_abc_layers():
     abc = r["layers"][1]
     assert abc["params_by_bits"] == {3: 72, 32: 4}  # kernel stored as 3 bases; 2 shifts + 2 betas
     assert abc["macs_by_bits"] == {3: 72 * 25 * 3 * 2}
+
+
+# lq.models.summary of larq-zoo 2.4's models (Larq 0.14), its second table, as printed
+LARQ_ZOO_SUMMARIES = {
+    "QuickNet": ["13.2 M", "13.2 M", "13.7 k", "4.17 MiB", "2.16 MiB", "50.48 MiB", "0.08", "1.88 B",
+                 "Ratio of MACs that are binarized 0.9842"],
+    "DoReFaNet": ["62.4 M", "62.4 M", "18.9 k", "22.80 MiB", "10.91 MiB", "238.02 MiB", "0.10", "3.05 B",
+                  "Ratio of MACs that are ternarized 0.9590"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LARQ_ZOO_SUMMARIES))
+def test_zoo_model_summaries_print_larqs_figures(name):
+    printed = []
+    bnnjax.summary(bnnjax.zoo.MODELS[name](), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+                   print_fn=printed.append)
+    rows = [" ".join(line.strip("| ").split()) for line in printed[0].split("summary-")[-1].splitlines()
+            if line.startswith("|")]
+    labels = ["Total params", "Trainable params", "Non-trainable params", "Model size",
+              "Model size (8-bit FP weights)", "Float-32 Equivalent", "Compression Ratio of Memory", "Number of MACs"]
+    assert rows == [f"{l} {v}" for l, v in zip(labels, LARQ_ZOO_SUMMARIES[name])] + LARQ_ZOO_SUMMARIES[name][-1:]

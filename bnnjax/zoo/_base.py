@@ -38,4 +38,4 @@ def classifier_activation(x, activation: str | None):
         return x
     if activation != "softmax":
         raise ValueError(f"classifier_activation must be 'softmax' or None (logits), got {activation!r}.")
-    return nn.softmax(x.astype(jnp.float32))
+    return nn.softmax(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
