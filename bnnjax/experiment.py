@@ -126,7 +126,7 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
         result["matmul_precision"] = jax.config.jax_default_matmul_precision
     result["binary_gradients"] = ops.binary_gradient_precision()
     if getattr(config, "export", False):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        variables = {**state.extra_variables, "params": state.params, "batch_stats": state.batch_stats}
         packed = export.pack(model, variables, xt[:min(len(xt), 1000)])
         artifact = Path(workdir) / "model.stablehlo"
         result["packed_file_bytes"] = export.save_artifact(artifact, model, packed, xt[:8])

@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from flax import linen as nn
 
 import bnnjax
 from bnnjax import train
-from bnnjax.layers import QuantConv, QuantDense
+from bnnjax.layers import FixedDepthwiseConv2D, QuantConv, QuantDense
 
 
 class Small(nn.Module):
@@ -125,3 +126,160 @@ def test_four_devices_match_one_device():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4
     np.testing.assert_allclose(out["curves"]["4"], out["curves"]["1"], rtol=2e-3)
+
+
+# --- fit_stream -----------------------------------------------------------------------------------
+
+class TinyImageNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), strides=4)(x)
+        x = FixedDepthwiseConv2D()(x)  # a "constants" collection, as QuickNet's blur-pool has
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+        return QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign")(x.reshape((x.shape[0], -1)))
+
+
+STREAM_MODEL = TinyImageNet()  # one model and optimizer object: every state hits the same compiled steps
+STREAM_TX = optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), bnnjax.weight_clip())
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_state_on_host():
+    return jax.device_get(train.create_train_state(STREAM_MODEL, STREAM_TX, np.zeros((1, 16, 16, 3), np.float32)))
+
+
+def stream_state():
+    """A fresh initial state: numpy leaves, so the donated device copies of one run leave it intact."""
+    return _stream_state_on_host()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from test_pipeline import make_image_folder
+
+    from bnnjax import pipeline
+    return pipeline.ImageFolder(make_image_folder(tmp_path_factory.mktemp("stream")))
+
+
+def test_fit_stream_killed_and_resumed_is_bit_identical(tmp_path, image_folder):
+    from bnnjax import pipeline
+
+    loader = lambda: pipeline.train_loader(image_folder, 8, image_size=16, seed=3, num_workers=0)
+    kw = dict(steps=11, preprocess=pipeline.normalize, eval_data=pipeline.eval_loader(image_folder, 16, image_size=16,
+              num_workers=0), eval_every=5, checkpoint_every=4, log_every=2, keep_checkpoints=2, progress=False)
+    assert set(stream_state().extra_variables) == {"constants"}
+    full, hist_full = train.fit_stream(stream_state(), loader(), workdir=tmp_path / "a", **kw)
+    np.testing.assert_array_equal(full.extra_variables["constants"]["FixedDepthwiseConv2D_0"]["kernel"],
+                                  stream_state().extra_variables["constants"]["FixedDepthwiseConv2D_0"]["kernel"])
+    assert int(full.step) == 11 and [h["step"] for h in hist_full] == [2, 4, 5, 6, 8, 10, 11]
+    assert {"test_loss", "test_accuracy"} <= set(hist_full[2]) and "test_loss" not in hist_full[1]
+    assert hist_full[0]["learning_rate"] == pytest.approx(1e-2) and hist_full[0]["skipped_images"] == 0
+    # killed after step 6 (5 steps of epoch 2 done): resumes from the step-4 checkpoint, mid-epoch
+    train.fit_stream(stream_state(), loader(), workdir=tmp_path / "b", stop_after_step=6, **kw)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "train_lo')  # a line cut mid-write by the kill
+    resumed, hist = train.fit_stream(stream_state(), loader(), workdir=tmp_path / "b", **kw)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["step"] for h in hist] == [h["step"] for h in hist_full]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in hist_full]
+    assert [h.get("test_loss") for h in hist] == [h.get("test_loss") for h in hist_full]
+    logged = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4, 5, 6, 8, 10, 11]
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["11", "8"]
+    it = loader()
+    restored, step = train.restore_stream_checkpoint(tmp_path / "b", stream_state(), it)
+    assert step == 11 and it.get_state()["batches"] == 11
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert train.restore_stream_checkpoint(tmp_path / "none", stream_state()) is None
+    with pytest.raises(ValueError, match=r"(?s)checkpoints/11: cannot restore the checkpoint.*different model"):
+        train.restore_stream_checkpoint(tmp_path / "b", new_state())
+
+
+def test_fit_stream_and_fit_reject_each_others_checkpoints(tmp_path, image_folder):
+    from bnnjax import pipeline
+
+    loader = pipeline.train_loader(image_folder, 8, image_size=16, num_workers=0)
+    train.save_checkpoint(tmp_path / "old", stream_state(), 1)
+    with pytest.raises(ValueError, match=r"checkpoint\.msgpack is an in-memory fit checkpoint"):
+        train.fit_stream(stream_state(), loader, steps=2, workdir=tmp_path / "old", progress=False)
+    with pytest.raises(TypeError, match="needs a grain iterator"):
+        train.fit_stream(stream_state(), iter([]), steps=2, workdir=tmp_path / "x", progress=False)
+    (tmp_path / "new" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds fit_stream's"):
+        train.fit(new_state(), data(), epochs=1, batch_size=32, workdir=tmp_path / "new", progress=False)
+    batches = iter([{"image": np.zeros((8, 16, 16, 3), np.uint8), "label": np.zeros(8, np.int32)}] * 3)
+    with pytest.raises(RuntimeError, match="ended after 3 steps of 4"):
+        train.fit_stream(stream_state(), batches, steps=4, preprocess=pipeline.normalize, progress=False)
+
+
+def test_masked_eval_step_counts_only_real_examples():
+    from bnnjax import pipeline
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 16).astype(np.int32)
+    state = jax.device_put(stream_state())
+    eval_step = train._compiled("cross_entropy", pipeline.normalize)[1]  # fit_stream's, already compiled
+    masked = eval_step(state, x, y, np.arange(16) < 10)
+    variables = {"params": state.params, "batch_stats": state.batch_stats, **state.extra_variables}
+    logits = jax.jit(STREAM_MODEL.apply)(variables, pipeline.normalize(x[:10]))
+    assert int(masked["count"]) == 10 and int(masked["correct"]) == int(np.sum(np.argmax(logits, -1) == y[:10]))
+    expected = float(train.softmax_cross_entropy(logits, y[:10])) * 10
+    assert float(masked["loss"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_checkpoints_from_before_extra_variables_still_load(tmp_path):
+    from flax import serialization
+
+    state = jax.device_get(new_state())
+    old = serialization.to_state_dict(state)
+    del old["extra_variables"]  # the TrainState fields of earlier versions
+    (tmp_path / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize({"epoch": 2, "state": old}))
+    restored, epoch = train.restore_checkpoint(tmp_path, state)
+    assert epoch == 2 and restored.extra_variables == {}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+GLOBAL_BATCH = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from test_pipeline import make_image_folder
+    from test_train import stream_state
+    from bnnjax import pipeline, train
+    src = pipeline.ImageFolder(make_image_folder(Path(sys.argv[2])))
+    curves = {}
+    for n in (1, 4):  # fit_stream on one device and on a mesh of four: same loss curve
+        st, hist = train.fit_stream(stream_state(), pipeline.train_loader(src, 8, image_size=16, num_workers=0),
+                                    steps=4, preprocess=pipeline.normalize, steps_per_call=2, log_every=2,
+                                    eval_data=pipeline.eval_loader(src, 16, image_size=16, num_workers=0),
+                                    eval_every=2, mesh=train.data_mesh(jax.devices()[:n]), progress=False)
+        curves[n] = [h["train_loss"] for h in hist] + [h["test_loss"] for h in hist]
+    mesh = train.data_mesh()
+    x = np.arange(2 * 8 * 3, dtype=np.uint8).reshape(2, 8, 3)
+    g = pipeline.global_batch({"x": x}, mesh, batch_axis=1)["x"]
+    shards = sorted((s.index[1].start, s.data.shape) for s in g.addressable_shards)
+    try:
+        pipeline.global_batch(np.zeros((6, 2)), mesh)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    print(json.dumps({"devices": jax.device_count(), "equal": bool(np.array_equal(np.asarray(g), x)),
+                      "shards": [[a, list(b)] for a, b in shards], "error": err, "curves": curves}))
+""")
+
+
+def test_stream_batches_split_over_four_devices(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", GLOBAL_BATCH, os.path.dirname(__file__), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4 and out["equal"]
+    np.testing.assert_allclose(out["curves"]["4"], out["curves"]["1"], rtol=2e-3)
+    assert out["shards"] == [[0, [2, 2, 3]], [2, [2, 2, 3]], [4, [2, 2, 3]], [6, [2, 2, 3]]]
+    assert "host batch of 6 does not split over this host's 4 devices" in out["error"]
