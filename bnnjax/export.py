@@ -17,7 +17,8 @@ needs jax alone::
     probabilities = exported.call(images)      # any batch size
 
 ``save_packed``/``load_packed`` keep packed variables in one msgpack file (no pickle) for use with the
-model code.
+model code. ``compile_iree`` (optional extra ``iree``) compiles the same StableHLO with IREE for this
+CPU or, cross-compiled, for aarch64 (Raspberry Pi 4, Apple M1).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bnnjax import packing as pk
 from bnnjax import quantizers
 
 __all__ = ["pack", "ExportError", "packed_bytes", "save_packed", "load_packed", "save_artifact", "load_artifact",
-           "FORMAT", "VERSION"]
+           "compile_iree", "load_iree", "IREE_TARGETS", "FORMAT", "VERSION"]
 
 FORMAT = "bnnjax-packed-variables"
 VERSION = 2
@@ -217,3 +218,58 @@ def load_artifact(path: str | os.PathLike):
         return jax.export.deserialize(bytearray(data))
     except Exception as e:
         raise ValueError(f"{path}: not a jax.export artifact ({type(e).__name__}: {e}).") from e
+
+
+# --- IREE (optional extra "iree") ------------------------------------------------------------------
+
+IREE_TARGETS = {
+    "host": ["--iree-llvmcpu-target-cpu=host"],
+    "x86-64": ["--iree-llvmcpu-target-triple=x86_64-linux-gnu", "--iree-llvmcpu-target-cpu=x86-64-v3"],
+    "rpi4": ["--iree-llvmcpu-target-triple=aarch64-linux-gnu", "--iree-llvmcpu-target-cpu=cortex-a72"],
+    "apple-m1": ["--iree-llvmcpu-target-triple=arm64-apple-darwin", "--iree-llvmcpu-target-cpu=apple-m1"],
+}
+
+
+def _iree():
+    try:
+        from iree import compiler, runtime
+    except ImportError as e:
+        raise ImportError("IREE is not installed: pip install 'bnnjax[iree]' (iree-base-compiler, "
+                          "iree-base-runtime).") from e
+    return compiler, runtime
+
+
+def compile_iree(model, packed: dict, example_input, target: str = "host", path: str | os.PathLike | None = None) -> bytes:
+    """Compile ``model.apply(packed, .)`` with IREE for a CPU: the same StableHLO as
+    :func:`save_artifact`, at the fixed batch size of ``example_input`` (IREE's CPU backend does not
+    take jax's symbolic dimensions).
+
+    Args:
+      target: ``"host"`` (this machine), ``"x86-64"`` (x86-64-v3), ``"rpi4"`` (Raspberry Pi 4: aarch64
+        Cortex-A72) or ``"apple-m1"``; cross-compiled modules run with IREE's runtime on that device.
+      path: where to write the ``.vmfb`` module, if given.
+
+    Returns:
+      The compiled module (IREE VM flatbuffer).
+
+    Raises:
+      ImportError: IREE is not installed.
+      ValueError: unknown target.
+    """
+    if target not in IREE_TARGETS:
+        raise ValueError(f"unknown IREE target {target!r}; choose one of {sorted(IREE_TARGETS)}.")
+    compiler, _ = _iree()
+    x = jnp.asarray(example_input)
+    exported = jax.export.export(jax.jit(lambda a: model.apply(packed, a)))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    vmfb = compiler.compile_str(exported.mlir_module(), target_backends=["llvm-cpu"], input_type="stablehlo",
+                                extra_args=IREE_TARGETS[target])
+    if path is not None:
+        Path(path).write_bytes(vmfb)
+    return vmfb
+
+
+def load_iree(vmfb: bytes):
+    """A host-compiled :func:`compile_iree` module as a function of a numpy batch (IREE's CPU runtime)."""
+    _, runtime = _iree()
+    main = runtime.load_vm_flatbuffer(vmfb, driver="local-task").main
+    return lambda x: np.asarray(main(np.asarray(x, np.float32)))

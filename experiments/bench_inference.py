@@ -9,7 +9,8 @@ where a file exists. Paths:
 - ``flax_eval``: ``model.apply`` on the trained variables as training runs it (packed forward on CPU);
 - ``packed``: ``model.apply`` on ``bnnjax.export.pack``'s variables (``bytes``: the packed variables);
 - ``artifact``: the ``save_artifact`` file, deserialized and called (``bytes``: the file);
-- ``iree``: that StableHLO compiled by IREE for this CPU (only with ``iree-base-compiler`` installed).
+- ``iree``: the same StableHLO compiled by IREE for this CPU at that batch size (extra ``iree``;
+  ``bytes``: the batch-1 module).
 
 seed 000 is trained briefly on Fashion-MNIST (``--train-steps``) and evaluated on the test set;
 QuickNet (larq-zoo's architecture, 224x224) uses random weights with randomized BatchNorm statistics
@@ -63,21 +64,6 @@ def quicknet(a):
     return model, {**variables, "batch_stats": stats}, x, (1, 16)
 
 
-def iree_module(artifact_path):
-    """IREE's x86-64 compile of the artifact's StableHLO, or None when IREE is not installed."""
-    try:
-        from iree import compiler as ireec, runtime as ireert
-    except ImportError:
-        return None
-    exported = export.load_artifact(artifact_path)
-    vmfb = ireec.compile_str(exported.mlir_module(), target_backends=["llvm-cpu"], input_type="stablehlo",
-                             extra_args=["--iree-llvmcpu-target-cpu=host"])
-    config = ireert.Config("local-task")
-    ctx = ireert.SystemContext(config=config)
-    ctx.add_vm_module(ireert.VmModule.copy_buffer(ctx.instance, vmfb))
-    return ctx.modules.module["main"], len(vmfb)
-
-
 def run(name, build, a):
     model, variables, xs, batches = build(a)
     packed = export.pack(model, variables)
@@ -95,10 +81,13 @@ def run(name, build, a):
         "packed": (lambda b: (lambda x: float_apply(packed, x)), export.packed_bytes(packed)),
         "artifact": (lambda b: jax.jit(deployed.call), file_bytes),
     }
-    iree = iree_module(path) if a.iree else None
-    if iree is not None:
-        fn, vmfb_bytes = iree
-        paths["iree"] = (lambda b: (lambda x: np.asarray(fn(np.asarray(x)))), vmfb_bytes)
+    if a.iree:
+        try:
+            vmfbs = {b: export.compile_iree(model, packed, xs[:b]) for b in batches}  # static batch sizes
+        except ImportError as e:
+            print(json.dumps({"model": name, "path": "iree", "skipped": str(e)}))
+        else:
+            paths["iree"] = (lambda b: export.load_iree(vmfbs[b]), len(vmfbs[batches[0]]))
     for b in batches:
         evals = [xs[i:i + b] for i in range(0, len(xs) - b + 1, b)][: max(1, 2000 // b)]
         want = np.concatenate([np.asarray(ref[b](variables, x)).argmax(-1) for x in evals])

@@ -225,3 +225,35 @@ def test_trained_seed000_predicts_identically_on_the_real_test_set():
         ref, got = np.asarray(apply(v, xt[i:i + 2000])), np.asarray(apply(packed, xt[i:i + 2000]))
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_accelerator_kernel_gives_the_same_packed_model(monkeypatch):
+    """GPUs and TPUs run the packed layers with the int8-dot kernel (chosen at trace time): same outputs
+    as the CPU's popcount kernel."""
+    model = Mixed()
+    x = jax.random.normal(jax.random.key(0), (8, 15, 13, 3))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    packed = export.pack(model, v)
+    cpu = np.asarray(jax.jit(model.apply)(packed, x))
+    monkeypatch.setattr(pk, "backend_kernel", lambda backend=None: "int8")
+    jaxpr = str(jax.make_jaxpr(model.apply)(packed, x))
+    assert "dot_general" in jaxpr and "i8[" in jaxpr  # the packed products became int8 dots
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(packed, x)), cpu)
+
+
+@pytest.mark.parametrize("target", ["host", "rpi4", "apple-m1"])
+def test_iree_compiles_the_packed_model_for_this_cpu_and_arm(target):
+    pytest.importorskip("iree.compiler", reason="optional extra 'iree'")
+    model = bnnjax.models.LarqTutorialCNN()
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    packed = export.pack(model, v)
+    vmfb = export.compile_iree(model, packed, x, target=target)
+    assert len(vmfb) > 10_000
+    if target == "host":  # runnable here: same predictions as JAX
+        got = export.load_iree(vmfb)(x)
+        want = np.asarray(model.apply(packed, x))
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown IREE target"):
+        export.compile_iree(model, packed, x, target="pdp-11")
