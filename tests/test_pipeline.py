@@ -109,7 +109,7 @@ def test_resize_matches_tensorflow():
 
 
 def test_center_crop_resize_matches_larq_zoo():
-    # larq_zoo.training.data.preprocess_input(big) (larq-zoo 2.3, TensorFlow 2.19): channel means, pixels
+    # larq_zoo.training.data.preprocess_input(big) (larq-zoo 2.4.0, TensorFlow 2.19.1): channel means, pixels
     h, w = 300, 260
     yy, xx, cc = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing="ij")
     big = ((yy * 7 + xx * 13 + cc * 50 + (yy * xx) % 11) % 256).astype(np.uint8)

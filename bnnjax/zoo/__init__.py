@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from bnnjax.zoo import (binary_alex_net, birealnet, densenet, dorefanet, meliusnet, quicknet, real_to_bin_nets,
                         resnet_e, xnornet)
+from bnnjax.zoo._imagenet import decode_predictions, load_class_index, preprocess_input
 from bnnjax.zoo._keras_h5 import WeightsFileError, assign, read_weights, record_layers
 
 _FAMILIES = (quicknet, birealnet, resnet_e, densenet, meliusnet, real_to_bin_nets, xnornet, dorefanet,
@@ -32,7 +33,7 @@ WEIGHTS = {name: files for fam in _FAMILIES for name, files in fam.WEIGHTS.items
 globals().update(MODELS)
 
 __all__ = ["load", "names", "MODELS", "WEIGHTS", "WeightsFileError", "weights_path", "load_weights",
-           *MODELS]
+           "preprocess_input", "decode_predictions", "load_class_index", *MODELS]
 
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 
