@@ -1,11 +1,14 @@
 """bnnjax: binarized neural networks in JAX/Flax.
 
 Quantizers with straight-through gradients, quantized Flax linen layers, optax transforms for binary
-kernels, and a Larq-style summary.
+kernels, a Larq-style summary; the submodules ``datasets``, ``pipeline``, ``train``, ``export``,
+``packing``, ``ops``, ``zoo`` and ``experiment`` load on first use (``bnnjax.zoo.load(...)``).
 """
 
+import importlib
+
 from bnnjax import layers, models, optim, quantizers
-from bnnjax.layers import (ABCConv, ABCDense, QuantConv, QuantDense, QuantDepthwiseConv2D, QuantParam,
+from bnnjax.layers import (ABCConv, ABCDense, BatchNorm, QuantConv, QuantDense, QuantDepthwiseConv2D, QuantParam,
                            abc_from_float, is_binary, is_quantized)
 from bnnjax.optim import bop, binary_labels, case_optimizer, flip_ratio, warn_if_unclipped, weight_clip
 from bnnjax.quantizers import (approx_sign, dorefa, magnitude_aware_sign, ste_heaviside, ste_sign, ste_tern,
@@ -13,3 +16,16 @@ from bnnjax.quantizers import (approx_sign, dorefa, magnitude_aware_sign, ste_he
 from bnnjax.summary import summary
 
 __version__ = "0.1.0"
+
+_LAZY = ("datasets", "experiment", "export", "ops", "packing", "pipeline", "train", "zoo")
+
+
+def __getattr__(name):
+    # heavy dependencies (h5py, grain, orbax) load only when their module is used
+    if name in _LAZY:
+        return importlib.import_module(f"bnnjax.{name}")
+    raise AttributeError(f"module 'bnnjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -23,7 +23,7 @@ from bnnjax import ops, quantizers
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
     "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "MaxPool", "Flatten",
-    "GlobalAvgPool", "Activation", "keras_batch_norm", "PReLU", "FixedDepthwiseConv2D", "blurpool_initializer",
+    "GlobalAvgPool", "Activation", "BatchNorm", "fold_batch_norm", "keras_batch_norm", "PReLU", "FixedDepthwiseConv2D", "blurpool_initializer",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -193,14 +193,56 @@ class GlobalAvgPool(nn.Module):
         return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
+class BatchNorm(nn.BatchNorm):
+    """Flax's ``nn.BatchNorm`` (same fields, same variables: a drop-in) that also runs folded statistics.
+
+    Training and evaluation are ``nn.BatchNorm``'s: ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``.
+    :func:`bnnjax.export.pack` folds a trained layer into two numbers per feature, the multiplier
+    ``a = scale / sqrt(var + epsilon)`` and the offset ``b = bias - mean * a`` (``batch_stats``
+    ``multiplier`` and ``offset``: what LCE stores and Larq's model size counts); the layer that finds
+    them computes ``y = x * a + b``, for inference only. ``nn.BatchNorm`` itself cannot read that form,
+    so only this class is folded.
+    """
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        if not self.has_variable("batch_stats", "multiplier"):
+            return super().__call__(x, use_running_average, mask=mask)
+        if not nn.merge_param("use_running_average", self.use_running_average, use_running_average):
+            raise ValueError(f"BatchNorm {'/'.join(self.path)}: its statistics are folded for inference "
+                             "(bnnjax.export.pack); train on the variables from before pack().")
+        axes = {a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,))}
+        shape = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
+        a = self.get_variable("batch_stats", "multiplier").reshape(shape)
+        b = self.get_variable("batch_stats", "offset").reshape(shape)
+        y = x * a + b
+        return y if self.dtype is None else y.astype(self.dtype)
+
+
+def fold_batch_norm(module: nn.BatchNorm, params: dict, batch_stats: dict) -> dict:
+    """A BatchNorm's inference variables as :class:`BatchNorm`'s folded ``{"multiplier", "offset"}``.
+
+    ``a = scale * rsqrt(var + epsilon)`` (``scale`` 1 without ``use_scale``), ``b = bias - mean * a``
+    (``bias`` 0 without ``use_bias``), in float32.
+    """
+    mean = jnp.asarray(batch_stats["mean"], jnp.float32)
+    a = jax.lax.rsqrt(jnp.asarray(batch_stats["var"], jnp.float32) + module.epsilon)
+    if module.use_scale:
+        a = a * jnp.asarray(params["scale"], jnp.float32)
+    b = -mean * a
+    if module.use_bias:
+        b = b + jnp.asarray(params["bias"], jnp.float32)
+    return {"multiplier": a, "offset": b}
+
+
 def keras_batch_norm(train: bool, use_scale: bool = True, use_bias: bool = True, momentum: float = 0.99,
-                     epsilon: float = 1e-3, name: str | None = None) -> nn.BatchNorm:
-    """``nn.BatchNorm`` with Keras' defaults (momentum 0.99, epsilon 1e-3), as Larq models use.
+                     epsilon: float = 1e-3, name: str | None = None) -> BatchNorm:
+    """:class:`BatchNorm` with Keras' defaults (momentum 0.99, epsilon 1e-3), as Larq models use.
 
     ``use_scale``/``use_bias`` are Keras' ``scale``/``center``.
     """
-    return nn.BatchNorm(use_running_average=not train, use_scale=use_scale, use_bias=use_bias,
-                        momentum=momentum, epsilon=epsilon, name=name)
+    return BatchNorm(use_running_average=not train, use_scale=use_scale, use_bias=use_bias,
+                     momentum=momentum, epsilon=epsilon, name=name)
 
 
 class PReLU(nn.Module):

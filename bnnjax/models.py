@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 from flax import linen as nn
 
-from bnnjax.layers import Flatten, GlobalAvgPool, MaxPool, QuantConv, QuantDense, keras_batch_norm
+from bnnjax.layers import BatchNorm, Flatten, GlobalAvgPool, MaxPool, QuantConv, QuantDense, keras_batch_norm
 
 __all__ = ["LarqTutorialCNN", "BiRealBlock", "BiRealNet"]
 
@@ -57,7 +57,7 @@ class BiRealBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.momentum)
+        bn = lambda: BatchNorm(use_running_average=not train, momentum=self.momentum)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             if self.strides != 1:
@@ -87,7 +87,7 @@ class BiRealNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9)(x)
         for i, n in enumerate(self.stage_sizes):
             for j in range(n):
                 x = BiRealBlock(self.width * 2 ** i, strides=2 if (i > 0 and j == 0) else 1)(x, train)

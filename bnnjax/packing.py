@@ -297,8 +297,8 @@ class PackedKernel(struct.PyTreeNode):
       scale: float32 ``(O,)``: the kernel is ``scale * sign`` (XNOR-Net's and Bi-Real's kernels), or None.
       alpha: float32 ``(M,)``: ABC-Net's weight-base scales, or None for one ±1 kernel.
       per_tap: the words of a convolution kernel hold each tap's channels in words of their own
-        (:func:`pack_kernel`, what the XNOR-popcount convolution reads); False: the ``kh * kw * C`` bits
-        are packed contiguously (``(O, num_words(K))``), the smallest storage, for a kernel that a
+        (:func:`pack_kernel`, what the XNOR-popcount convolution reads); False: the kernel's bits in
+        its own (row-major) order, ``(num_words(K * O),)``, the smallest storage, for a kernel that a
         layer with real-valued input unpacks.
     """
 
@@ -315,10 +315,9 @@ class PackedKernel(struct.PyTreeNode):
 
     def signs(self, dtype=jnp.float32):
         """The ±1 kernel (``(M,) + shape`` for M bases), unpacked."""
-        c, o = self.shape[-2], self.shape[-1]
         if not self.per_tap:
-            k = unpack_bits(self.words, self.k, dtype)  # (..., O, K)
-            return jnp.moveaxis(k, -2, -1).reshape(self.words.shape[:-2] + tuple(self.shape))
+            return unpack_bits(self.words, int(np.prod(self.shape)), dtype).reshape(self.shape)
+        c = self.shape[-2]
         words = self.words.reshape(self.words.shape[:-1] + (-1, num_words(c)))  # (..., O, taps, Wc)
         k = jnp.moveaxis(unpack_bits(words, c, dtype), -3, -1)  # (..., taps, C, O)
         return k.reshape(self.words.shape[:-2] + tuple(self.shape))

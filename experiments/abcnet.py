@@ -32,7 +32,8 @@ class ABCNetCNN(nn.Module):
             else:
                 x = layers.ABCConv(features, (5, 5), num_weight_bases=self.num_weight_bases,
                                    num_act_bases=self.num_act_bases, name=name)(x)
-            x = layers.Activation("relu")(nn.BatchNorm(use_running_average=not train)(layers.MaxPool((2, 2))(x)))
+            x = layers.BatchNorm(use_running_average=not train)(layers.MaxPool((2, 2))(x))
+            x = layers.Activation("relu")(x)
         x = layers.Activation("relu")(nn.Dense(1024)(layers.Flatten()(x)))
         return nn.Dense(10)(nn.Dropout(0.5, deterministic=not train)(x))
 

@@ -66,7 +66,7 @@ def quicknet(a):
 
 def run(name, build, a):
     model, variables, xs, batches = build(a)
-    packed = export.pack(model, variables)
+    packed = export.pack(model, variables, xs[:1])
     float_apply = jax.jit(model.apply)
     with ops.float_forward():
         float_fn = jax.jit(lambda v, x: model.apply(v, x))

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 import bnnjax
 from bnnjax import experiment
-from bnnjax.layers import Activation, QuantDense
+from bnnjax.layers import Activation, BatchNorm, QuantDense
 
 KERNEL = {"float": None, "deterministic": "ste_sign", "stochastic": "stochastic_sign"}
 
@@ -42,10 +42,10 @@ class BinaryConnectMLP(nn.Module):
             binary["kernel_init"] = uniform_clip_range
         for width in self.hidden:
             x = QuantDense(width, **binary)(x)
-            x = Activation("relu")(nn.BatchNorm(use_running_average=not train)(x))
+            x = Activation("relu")(BatchNorm(use_running_average=not train)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = QuantDense(self.num_classes, **binary)(x)
-        return nn.BatchNorm(use_running_average=not train)(x)
+        return BatchNorm(use_running_average=not train)(x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 import bnnjax
 from bnnjax import experiment
-from bnnjax.layers import QuantDense
+from bnnjax.layers import BatchNorm, QuantDense
 
 
 class BinaryNetMLP(nn.Module):
@@ -25,7 +25,7 @@ class BinaryNetMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-4)
+        bn = lambda: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-4)
         x = nn.Dropout(self.dropout_in, deterministic=not train)(x)
         for i, width in enumerate(self.hidden):
             x = QuantDense(width, input_quantizer=None if i == 0 else "ste_sign", kernel_quantizer="ste_sign",

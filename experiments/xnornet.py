@@ -13,7 +13,7 @@ from flax import linen as nn
 
 import bnnjax
 from bnnjax import experiment
-from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
+from bnnjax.layers import BatchNorm, Flatten, MaxPool, QuantConv, QuantDense
 
 
 class XNORNet(nn.Module):
@@ -23,7 +23,7 @@ class XNORNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+        bn = lambda: BatchNorm(use_running_average=not train, momentum=0.9)
         xnor = dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight_scale", use_bias=False)
         # the real first conv: a QuantConv without quantizers, which takes bnnjax's fast CPU conv path
         x = MaxPool((2, 2))(QuantConv(self.widths[0], (3, 3), padding="SAME", use_bias=False)(x))

@@ -211,7 +211,8 @@ def evaluate(config: Config, print_fn: Callable[[str], Any] = print) -> dict:
     label_map = imagenet_labels(source, num_classes, config.class_index) if config.weights is not None else None
     view = View(source, config.limit, label_map)
     if config.packed:
-        variables = export.pack(model, variables)
+        s = config.image_size
+        variables = export.pack(model, variables, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
     mesh = train.data_mesh()
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
     host_batch = config.batch_size // jax.process_count()

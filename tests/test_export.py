@@ -13,7 +13,7 @@ from flax import serialization
 import bnnjax
 from bnnjax import datasets, export, ops, train, zoo
 from bnnjax import packing as pk
-from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
+from bnnjax.layers import BatchNorm, Flatten, MaxPool, QuantConv, QuantDense
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
 B = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign")
@@ -47,13 +47,15 @@ def packed_kernels(tree):
 class Mixed(nn.Module):
     """Real first layer with a 1-bit kernel, SAME zero- and one-padding, strides, a dilated conv, BN
     before and after pooling, a residual add and a concatenation written as plain jnp code, C not a
-    multiple of 32 into a flatten, scaled (XNOR-Net) kernels, a float last layer with bias."""
+    multiple of 32 into a flatten, scaled (XNOR-Net) kernels, a float last layer with bias; bnnjax's
+    BatchNorm (folded by pack) and Flax's (kept)."""
 
     @nn.compact
     def __call__(self, x, train=False):
-        bn = lambda: nn.BatchNorm(use_running_average=not train)
+        flax_bn = lambda: nn.BatchNorm(use_running_average=not train)  # noqa: E731
+        bn = lambda: BatchNorm(use_running_average=not train, epsilon=1e-3)  # noqa: E731
         x = QuantConv(20, (3, 3), padding="SAME", kernel_quantizer="ste_sign", use_bias=False)(x)
-        x = bn()(MaxPool((2, 2))(x))
+        x = flax_bn()(MaxPool((2, 2))(x))
         y = QuantConv(20, (3, 3), padding="SAME", use_bias=False, **B)(x)  # zero padding: corrected
         x = bn()(y) + x  # residual add
         y = QuantConv(12, (3, 3), kernel_dilation=2, padding="SAME", pad_values=1.0, use_bias=False, **B)(x)
@@ -85,8 +87,13 @@ def test_any_flax_model_packs_and_predicts_like_the_float_model(negative_scale, 
     packed = _packs_like_the_model(model, v, x, n_packed=5)
     # every 1-bit kernel is stored 1 bit per weight, real-input ones too; float layers untouched
     first = packed["params"]["QuantConv_0"]["kernel"]
-    assert not first.per_tap and first.words.shape == (20, pk.num_words(27))
+    assert not first.per_tap and first.words.shape == (pk.num_words(27 * 20),)
     assert packed["params"]["Dense_0"]["kernel"] is v["params"]["Dense_0"]["kernel"]
+    # bnnjax's BatchNorm layers hold two folded numbers per channel; Flax's (the first) keeps its own four
+    stats = {name: sorted(d) for name, d in packed["batch_stats"].items()}
+    assert stats == {"BatchNorm_0": ["mean", "var"], **{f"BatchNorm_{i}": ["multiplier", "offset"] for i in range(1, 5)}}
+    assert [name for name in packed["params"] if name.startswith("BatchNorm")] == ["BatchNorm_0"]
+    assert packed["batch_stats"]["BatchNorm_4"]["multiplier"].shape == (33,)
     # the packed layers really run the XNOR-popcount kernels
     assert "population_count" in str(jax.make_jaxpr(model.apply)(packed, x))
 
@@ -124,17 +131,24 @@ def test_pack_verifies_against_the_float_model(monkeypatch):
         export.pack(model, v, x)
 
 
-def test_seed000_packed_size_is_larqs_bit_count_plus_batchnorm_statistics():
-    """The binary kernels take 1 bit per weight (words of 32); the float numbers are BatchNorm's three
-    per channel (mean, variance, offset: Larq's summary counts BatchNorm as two fused numbers)."""
+def test_seed000_packed_size_is_larqs_model_size():
+    """The binary kernels take 1 bit per weight (in words of 32), each folded BatchNorm two numbers per
+    channel: Larq's 13.19 KiB (93,088 bits and 468 float32 numbers), up to the last words' padding.
+    Without an example input BatchNorm keeps mean, variance and offset."""
     model = bnnjax.models.LarqTutorialCNN()
-    v = model.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
-    packed = export.pack(model, v)
+    x = jnp.zeros((1, 28, 28, 1))
+    v = model.init(jax.random.key(1), x)
+    packed = export.pack(model, v, jax.ShapeDtypeStruct(x.shape, x.dtype))
     words = sum(k.words.size for k in packed_kernels(packed))
-    # Larq's 93,088 binary weights; the first layer's 9 bits per output channel fill a word of 32
-    assert words * 32 == 93_088 + 32 * (32 - 9)
+    # Larq's 93,088 binary weights: 288 (first layer, contiguous), 18,432, 36,864, 36,864 (packed per
+    # 32-channel tap, no padding) and 640 bits for the 10 outputs of 64 inputs
+    assert words * 32 == 93_088
     bn_channels = 32 + 64 + 64 + 64 + 10
-    assert export.packed_bytes(packed) == 4 * words + 4 * 3 * bn_channels
+    larq_bytes = 93_088 // 8 + 4 * 2 * bn_channels
+    assert export.packed_bytes(packed) == 4 * words + 4 * 2 * bn_channels == larq_bytes
+    assert round(larq_bytes / 1024, 2) == 13.19
+    unfolded = export.pack(model, v)
+    assert export.packed_bytes(unfolded) == 4 * words + 4 * 3 * bn_channels
 
 
 class ABCModel(nn.Module):
@@ -195,7 +209,7 @@ def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path):
     model = bnnjax.models.LarqTutorialCNN()
     x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
     v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = export.pack(model, v)
+    packed = export.pack(model, v, x)
     path = tmp_path / "seed000.stablehlo"
     size = export.save_artifact(path, model, packed, x[:2])
     assert size == path.stat().st_size < 80_000

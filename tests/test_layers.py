@@ -178,6 +178,39 @@ def test_abc_from_float_keeps_the_float_kernel_and_approximates_the_float_layer(
 
 def test_public_api_reexports():
     assert bnnjax.QuantConv is L.QuantConv and bnnjax.ste_sign is q.ste_sign
+    assert bnnjax.BatchNorm is L.BatchNorm and bnnjax.zoo.load is bnnjax.zoo.load  # submodules load on use
+    with pytest.raises(AttributeError, match="no attribute 'zooo'"):
+        bnnjax.zooo
+
+
+def _random_stats(v, seed=0):
+    rng = np.random.default_rng(seed)
+    new = lambda a, lo, hi: jnp.asarray(rng.uniform(lo, hi, a.shape), a.dtype)  # noqa: E731
+    stats = {"mean": new(v["batch_stats"]["mean"], -1, 1), "var": new(v["batch_stats"]["var"], 0.2, 3)}
+    params = {k: new(a, -1.5, 1.5) for k, a in v.get("params", {}).items()}
+    return {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}
+
+
+@pytest.mark.parametrize("axis,use_scale,use_bias", [(-1, True, True), (-1, False, True), (1, True, False),
+                                                     (-1, False, False)])
+def test_batch_norm_is_flax_batch_norm_and_folds(axis, use_scale, use_bias):
+    kw = dict(axis=axis, use_scale=use_scale, use_bias=use_bias, epsilon=1e-3, momentum=0.9)
+    x = jax.random.normal(KEY, (4, 5, 6)) * 3 + 1
+    ours, flax_bn = L.BatchNorm(**kw), nn.BatchNorm(**kw)
+    v = ours.init(KEY, x, use_running_average=False)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, flax_bn.init(KEY, x, use_running_average=False))
+    v = _random_stats(v)
+    # training (batch statistics, running-average update) and evaluation are nn.BatchNorm's, exactly
+    for mode in (False, True):
+        got = ours.apply(v, x, use_running_average=mode, mutable=["batch_stats"])
+        want = flax_bn.apply(v, x, use_running_average=mode, mutable=["batch_stats"])
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    folded = {"batch_stats": L.fold_batch_norm(ours, v.get("params", {}), v["batch_stats"])}
+    assert jax.tree.map(jnp.shape, folded["batch_stats"]) == {"multiplier": (x.shape[axis],), "offset": (x.shape[axis],)}
+    np.testing.assert_allclose(ours.apply(folded, x, use_running_average=True),
+                               flax_bn.apply(v, x, use_running_average=True), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="folded for inference"):
+        ours.apply(folded, x, use_running_average=False)
 
 
 PACKED_CASES = [

@@ -47,8 +47,8 @@ def test_downsampling_block_calls_layers_in_keras_file_order():
     block = r2b._HalfBinaryBlock(32, strides=2)
     _, layers = record_layers(lambda: jax.eval_shape(
         lambda a: block.init(jax.random.key(0), a), jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32)))
-    assert [type(m) for _, m in layers] == [nn.BatchNorm, L.QuantDense, L.QuantDense, L.QuantConv, L.QuantConv,
-                                           L.PReLU, nn.BatchNorm]
+    assert [type(m) for _, m in layers] == [L.BatchNorm, L.QuantDense, L.QuantDense, L.QuantConv, L.QuantConv,
+                                           L.PReLU, L.BatchNorm]
 
 
 def _random_variables(module, x, seed=0):

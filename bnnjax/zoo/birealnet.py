@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flax import linen as nn
 
-from bnnjax.layers import QuantConv, QuantDense, keras_batch_norm
+from bnnjax.layers import BatchNorm, QuantConv, QuantDense, keras_batch_norm
 from bnnjax.zoo._base import classifier_activation, global_pool, release
 
 __all__ = ["BiRealNet"]
@@ -24,7 +24,7 @@ CLIP_VALUE = 1.0
 _glorot = nn.initializers.glorot_normal()
 
 
-def _bn(train: bool) -> nn.BatchNorm:
+def _bn(train: bool) -> BatchNorm:
     return keras_batch_norm(train, momentum=0.8)
 
 

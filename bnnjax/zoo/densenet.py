@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bnnjax import quantizers
-from bnnjax.layers import QuantConv, QuantDense, keras_batch_norm
+from bnnjax.layers import BatchNorm, QuantConv, QuantDense, keras_batch_norm
 from bnnjax.zoo._base import classifier_activation, global_pool, release
 
 __all__ = ["BinaryDenseNet28", "BinaryDenseNet37", "BinaryDenseNet37Dilated", "BinaryDenseNet45"]
@@ -30,7 +30,7 @@ _he = nn.initializers.he_normal()
 _glorot = nn.initializers.glorot_normal()
 
 
-def _bn(train: bool) -> nn.BatchNorm:
+def _bn(train: bool) -> BatchNorm:
     return keras_batch_norm(train, momentum=0.9, epsilon=1e-5)
 
 

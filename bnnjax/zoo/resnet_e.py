@@ -17,7 +17,7 @@ from __future__ import annotations
 from flax import linen as nn
 
 from bnnjax import quantizers
-from bnnjax.layers import QuantConv, QuantDense, keras_batch_norm
+from bnnjax.layers import BatchNorm, QuantConv, QuantDense, keras_batch_norm
 from bnnjax.zoo._base import classifier_activation, global_pool, release
 
 __all__ = ["BinaryResNetE18"]
@@ -36,7 +36,7 @@ _SPECS = {
 }
 
 
-def _bn(train: bool) -> nn.BatchNorm:
+def _bn(train: bool) -> BatchNorm:
     return keras_batch_norm(train, momentum=0.9, epsilon=1e-5)
 
 
