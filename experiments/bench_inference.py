@@ -8,6 +8,8 @@ where a file exists. Paths:
   (:func:`bnnjax.ops.float_forward`): plain float32 products of ±1 values;
 - ``flax_eval``: ``model.apply`` on the trained variables as training runs it (packed forward on CPU);
 - ``packed``: ``model.apply`` on ``bnnjax.export.pack``'s variables (``bytes``: the packed variables);
+- ``packed_closure``: the same, jitted with the packed variables closed over (XLA sees the weights as
+  constants, as in the artifact);
 - ``artifact``: the ``save_artifact`` file, deserialized and called (``bytes``: the file);
 - ``iree``: the same StableHLO compiled by IREE for this CPU at that batch size (extra ``iree``;
   ``bytes``: the batch-1 module).
@@ -79,6 +81,7 @@ def run(name, build, a):
         "float": (lambda b: (lambda x: ref[b](variables, x)), None),
         "flax_eval": (lambda b: (lambda x: float_apply(variables, x)), None),
         "packed": (lambda b: (lambda x: float_apply(packed, x)), export.packed_bytes(packed)),
+        "packed_closure": (lambda b: jax.jit(lambda x: model.apply(packed, x)), export.packed_bytes(packed)),
         "artifact": (lambda b: jax.jit(deployed.call), file_bytes),
     }
     if a.iree:
