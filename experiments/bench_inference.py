@@ -1,6 +1,7 @@
 """Inference benchmark: float, Flax eval, packed and exported-artifact paths, seed 000 and QuickNet.
 
-Prints one JSON line per (model, path, batch): ``img_s``, ``latency_ms`` (median of repeated calls),
+Prints one JSON line per (model, path, batch): ``img_s``, ``latency_ms`` (median of repeated calls, the
+paths timed round-robin),
 ``predictions_identical`` (argmax equal to the float path's on the evaluation batch) and ``bytes``
 where a file exists. Paths:
 
@@ -37,14 +38,18 @@ import bnnjax
 from bnnjax import datasets, export, ops, train, zoo
 
 
-def median_ms(fn, x, repeats):
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def interleaved_ms(fns: dict, x, repeats: int) -> dict:
+    """Median milliseconds per call of each function on ``x``, timed round-robin (one call of each per
+    round) so that the machine's speed drifting during the run affects every path alike."""
+    for fn in fns.values():
         jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * float(np.median(ts)) for name, ts in times.items()}
 
 
 def seed000(a):
@@ -94,13 +99,14 @@ def run(name, build, a):
     for b in batches:
         evals = [xs[i:i + b] for i in range(0, len(xs) - b + 1, b)][: max(1, 2000 // b)]
         want = np.concatenate([np.asarray(ref[b](variables, x)).argmax(-1) for x in evals])
-        for pname, (make, nbytes) in paths.items():
-            fn = make(b)
-            got = np.concatenate([np.asarray(fn(x)).argmax(-1) for x in evals])
-            ms = median_ms(fn, evals[0], a.repeats if b == 1 else max(3, a.repeats // 5))
-            row = {"model": name, "path": pname, "batch": b, "img_s": round(1e3 * b / ms, 1),
-                   "latency_ms": round(ms, 3), "predictions_identical": bool(np.array_equal(got, want)),
-                   "images_compared": int(got.size), "backend": jax.default_backend()}
+        fns = {pname: make(b) for pname, (make, _) in paths.items()}
+        identical = {pname: bool(np.array_equal(np.concatenate([np.asarray(fn(x)).argmax(-1) for x in evals]), want))
+                     for pname, fn in fns.items()}
+        ms = interleaved_ms(fns, evals[0], a.repeats if b == 1 else max(3, a.repeats // 5))
+        for pname, (_, nbytes) in paths.items():
+            row = {"model": name, "path": pname, "batch": b, "img_s": round(1e3 * b / ms[pname], 1),
+                   "latency_ms": round(ms[pname], 3), "predictions_identical": identical[pname],
+                   "images_compared": int(want.size), "backend": jax.default_backend()}
             if nbytes is not None:
                 row["bytes"] = int(nbytes)
             print(json.dumps(row), flush=True)
