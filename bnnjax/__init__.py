@@ -17,6 +17,12 @@ from bnnjax.summary import summary
 
 __version__ = "0.1.0"
 
+__all__ = ["layers", "models", "optim", "quantizers", "summary", "ABCConv", "ABCDense", "BatchNorm", "QuantConv",
+           "QuantDense", "QuantDepthwiseConv2D", "QuantParam", "abc_from_float", "is_binary", "is_quantized", "bop",
+           "binary_labels", "case_optimizer", "flip_ratio", "warn_if_unclipped", "weight_clip", "approx_sign",
+           "dorefa", "magnitude_aware_sign", "ste_heaviside", "ste_sign", "ste_tern", "stochastic_sign",
+           "swish_sign", "xnor_weight_scale"]
+
 _LAZY = ("datasets", "experiment", "export", "ops", "packing", "pipeline", "train", "zoo")
 
 

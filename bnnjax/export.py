@@ -287,7 +287,8 @@ def _iree():
     return compiler, runtime
 
 
-def compile_iree(model, packed: dict, example_input, target: str = "host", path: str | os.PathLike | None = None) -> bytes:
+def compile_iree(model, packed: dict, example_input, target: str = "host",
+                 path: str | os.PathLike | None = None) -> bytes:
     """Compile ``model.apply(packed, .)`` with IREE for a CPU: the same StableHLO as
     :func:`save_artifact`, at the fixed batch size of ``example_input`` (IREE's CPU backend does not
     take jax's symbolic dimensions).

@@ -23,7 +23,8 @@ from bnnjax import ops, quantizers
 __all__ = [
     "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
     "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "MaxPool", "Flatten",
-    "GlobalAvgPool", "Activation", "BatchNorm", "fold_batch_norm", "keras_batch_norm", "PReLU", "FixedDepthwiseConv2D", "blurpool_initializer",
+    "GlobalAvgPool", "Activation", "BatchNorm", "fold_batch_norm", "keras_batch_norm", "PReLU",
+    "FixedDepthwiseConv2D", "blurpool_initializer",
 ]
 
 QuantizerLike = Union[str, Callable, quantizers.Quantizer, None]
@@ -333,7 +334,7 @@ class QuantDense(nn.Module):
     def __call__(self, inputs):
         inputs = jnp.asarray(inputs)
         if inputs.ndim < 1:
-            raise ValueError(f"QuantDense expects inputs of rank >= 1 (..., features), got a scalar.")
+            raise ValueError("QuantDense expects inputs of rank >= 1 (..., features), got a scalar.")
         qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
         packable = _packable(qi, qk)
         bias = None

@@ -18,8 +18,6 @@ backends unpack to int8 and use their integer dot units. The choice is made at t
 from __future__ import annotations
 
 import functools
-
-import math
 from typing import Sequence
 
 import jax
@@ -153,7 +151,7 @@ _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional 
 @functools.partial(jax.jit, static_argnums=2)
 def _xnor_popcount(a, b, k):
     # jit: layers with the same shapes share one lowered function, so an exported model holds each
-    # unrolled kernel once (QuickNet's StableHLO: 4.50 MB instead of 4.81 MB); XLA inlines it
+    # unrolled kernel once (QuickNet's StableHLO: 0.3 MB smaller, 4.54 MB); XLA inlines it
     m = a.shape[0]
     # a symbolic row count (jax.export with a symbolic batch) takes the blocked kernel
     if isinstance(m, int) and m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK:

@@ -7,7 +7,6 @@ warm-up call), images_per_second, test_accuracy, plus the backend and device cou
 """
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,6 @@ import dataclasses
 import optax
 from flax import linen as nn
 
-import bnnjax
 from bnnjax import experiment
 from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
 from bnnjax.layers import keras_batch_norm

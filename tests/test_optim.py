@@ -9,7 +9,7 @@ from flax import linen as nn
 
 import bnnjax
 from bnnjax import optim
-from bnnjax.layers import QuantDense, QuantParam, is_binary
+from bnnjax.layers import QuantDense, QuantParam
 
 KEY = jax.random.key(0)
 

@@ -13,7 +13,7 @@ from bnnjax import zoo
 from bnnjax._download import DownloadError
 from bnnjax.layers import QuantParam
 from bnnjax.models import LarqTutorialCNN
-from bnnjax.zoo import _base, quicknet
+from bnnjax.zoo import _base
 
 
 def write_keras_h5(path, layers, chunked=False):
