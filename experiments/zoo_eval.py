@@ -17,8 +17,8 @@ through ``bnnjax.pipeline.eval_loader`` (larq-zoo's center crop with padding 32,
 resize, uint8) and are normalized on the device (``pipeline.normalize``); batches are split over all
 devices (``pipeline.global_batch``; one process per host, each reading its share). ``--limit N``
 evaluates the first N images (sorted by class and file name: the first classes). ``--packed`` runs the
-model on ``bnnjax.export.pack``'s bit-packed weights instead of the float ones: the deployed form, same
-predictions. ``--weights`` is ``imagenet`` (larq-zoo's released weights, downloaded once), ``none``
+model on ``bnnjax.export.pack``'s bit-packed weights and folded BatchNorms instead of the float ones: the
+deployed form (same predictions up to float32 rounding at a sign's threshold). ``--weights`` is ``imagenet`` (larq-zoo's released weights, downloaded once), ``none``
 (random initialization), a Keras ``.h5`` file or the ``variables.msgpack`` ``zoo_train.py`` writes.
 
 Prints a progress bar on stderr and ends with one JSON line: ``model``, ``top1``, ``top5``, ``images``,
@@ -210,8 +210,8 @@ def evaluate(config: Config, print_fn: Callable[[str], Any] = print) -> dict:
     num_classes = model.num_classes
     label_map = imagenet_labels(source, num_classes, config.class_index) if config.weights is not None else None
     view = View(source, config.limit, label_map)
+    s = config.image_size
     if config.packed:
-        s = config.image_size
         variables = export.pack(model, variables, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
     mesh = train.data_mesh()
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
@@ -220,7 +220,6 @@ def evaluate(config: Config, print_fn: Callable[[str], Any] = print) -> dict:
 
     step = _step(model, min(5, num_classes))
     t0 = time.perf_counter()  # compile (or find compiled) before the clock of the pass starts
-    s = config.image_size
     zeros = pipeline.global_batch((np.zeros((host_batch, s, s, 3), np.uint8), np.zeros((host_batch,), np.int32),
                                    np.zeros((host_batch,), bool)), mesh)
     jax.block_until_ready(step(variables, *zeros))
