@@ -98,40 +98,24 @@ def _latent_kernel(mdl: nn.Module, shape, q: quantizers.Quantizer, precision=Non
     return mdl.param("kernel", init, shape, mdl.param_dtype)
 
 
-def _packed_kernel(mdl: nn.Module):
-    """The layer's kernel when ``bnnjax.export.pack`` packed it, else None (training, float kernels)."""
-    if mdl.is_initializing() or not mdl.has_variable("params", "kernel"):
-        return None
-    kernel = mdl.get_variable("params", "kernel")
-    return kernel if isinstance(kernel, ops.packing.PackedKernel) else None
+def _kernel(mdl: nn.Module, shape, q: quantizers.Quantizer, precision=None, packable: bool = False):
+    """The layer's kernel: the packed one ``bnnjax.export.pack`` put in its place, else the latent param."""
+    if not mdl.is_initializing() and mdl.has_variable("params", "kernel"):
+        kernel = mdl.get_variable("params", "kernel")
+        if isinstance(kernel, ops.packing.PackedKernel):
+            return kernel
+    return _latent_kernel(mdl, shape, q, precision, packable)
 
 
 def _bias(mdl: nn.Module, features: int):
     return mdl.param("bias", mdl.bias_init, (features,), mdl.param_dtype) if mdl.use_bias else None
 
 
-def _quantize(mdl: nn.Module, q: quantizers.Quantizer, x):
-    if not q.needs_rng:
-        return q(x)
-    if mdl.has_rng("quantizer"):
-        return q(x, mdl.make_rng("quantizer"))
-    # No 'quantizer' RNG stream (evaluation): BinaryConnect's deterministic test-time binarization.
-    return quantizers.ste_sign(x, dict(q.kwargs).get("clip_value", 1.0))
-
-
-def _packable(qi: quantizers.Quantizer, qk: quantizers.Quantizer) -> bool:
-    """±1 inputs and a (per-channel scaled) ±1 kernel: the layers that run packed."""
-    return qi.values == "signs" and qk.values in ("signs", "scaled_signs")
-
-
-def _sign_operands(qi: quantizers.Quantizer, qk: quantizers.Quantizer, x) -> bool:
-    """±1 inputs, a (per-channel scaled) ±1 kernel and float32 on CPU: the case where the forward pass
-    runs on packed bits (:func:`bnnjax.ops.xnor_product`)."""
-    return _packable(qi, qk) and x.dtype == jnp.float32 and ops.packed_training()
-
-
-def _tuple(v, n: int) -> tuple[int, ...]:
-    return (v,) * n if isinstance(v, int) else tuple(v)
+def _quantizer_rng(mdl: nn.Module, *qs: quantizers.Quantizer):
+    """One key for the layer's stochastic quantizers; None without a 'quantizer' stream (evaluation)."""
+    if any(q.needs_rng for q in qs) and mdl.has_rng("quantizer"):
+        return mdl.make_rng("quantizer")
+    return None
 
 
 def _check_rank(name: str, x, rank: int, layout: str):
@@ -212,12 +196,8 @@ class BatchNorm(nn.BatchNorm):
         if not nn.merge_param("use_running_average", self.use_running_average, use_running_average):
             raise ValueError(f"BatchNorm {'/'.join(self.path)}: its statistics are folded for inference "
                              "(bnnjax.export.pack); train on the variables from before pack().")
-        axes = {a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,))}
-        shape = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
-        a = self.get_variable("batch_stats", "multiplier").reshape(shape)
-        b = self.get_variable("batch_stats", "offset").reshape(shape)
-        y = x * a + b
-        return y if self.dtype is None else y.astype(self.dtype)
+        return ops.folded_batch_norm(x, self.get_variable("batch_stats", "multiplier"),
+                                     self.get_variable("batch_stats", "offset"), self.axis, self.dtype)
 
 
 def fold_batch_norm(module: nn.BatchNorm, params: dict, batch_stats: dict) -> dict:
@@ -264,7 +244,7 @@ class PReLU(nn.Module):
     def __call__(self, x):
         shape = [1 if i + 1 in tuple(self.shared_axes) else d for i, d in enumerate(x.shape[1:])]
         alpha = self.param("alpha", self.alpha_init, tuple(shape), self.param_dtype)
-        return jnp.maximum(x, 0) + alpha.astype(x.dtype) * jnp.minimum(x, 0)
+        return ops.prelu(x, alpha)
 
 
 def blurpool_initializer(key, shape, dtype=jnp.float32):
@@ -336,49 +316,24 @@ class QuantDense(nn.Module):
         if inputs.ndim < 1:
             raise ValueError("QuantDense expects inputs of rank >= 1 (..., features), got a scalar.")
         qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
-        packable = _packable(qi, qk)
-        bias = None
-        packed = _packed_kernel(self)
-        if packed is not None and packable:
-            y, bias = ops.packed_dense(inputs, packed), _bias(self, self.features)
-            return y if bias is None else y + bias
-        kernel = _latent_kernel(self, (inputs.shape[-1], self.features), qk, packable=packable) if packed is None \
-            else ops.unpacked_kernel(packed)  # a 1-bit kernel on real input
-        bias = _bias(self, self.features)
-        x, k = _quantize(self, qi, inputs), kernel if packed is not None else _quantize(self, qk, kernel)
-        x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
-        if _sign_operands(qi, qk, x):
-            y = ops.xnor_product(x, k, precision=self.precision, scaled=qk.values == "scaled_signs")
-            y = y.reshape(x.shape[:-1] + (self.features,))
-        else:
-            y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        return y if bias is None else y + bias
+        kernel = _kernel(self, (inputs.shape[-1], self.features), qk, packable=ops.packs_dense(qi, qk))
+        return ops.quant_dense(inputs, kernel, _bias(self, self.features), input_quantizer=qi, kernel_quantizer=qk,
+                               precision=self.precision, dtype=self.dtype, rng=_quantizer_rng(self, qi, qk))
 
 
 class _ConvMixin:
-    """The forward pass shared by the quantized convolutions (fields live on each class)."""
+    """The call shared by the quantized convolutions (fields live on each class)."""
 
     def _conv(self, inputs, kernel_size, in_per_group: int, out_features: int, groups: int):
         qi, qk = quantizers.get(self.input_quantizer), quantizers.get(self.kernel_quantizer)
-        packable = (_packable(qi, qk) and groups == 1 and len(kernel_size) == 2
-                    and _tuple(self.input_dilation, 2) == (1, 1) and self.pad_values in (0.0, 1.0))
-        packed = _packed_kernel(self)
-        if packed is not None and packable:
-            y = ops.packed_conv(inputs, packed, strides=self.strides, padding=self.padding,
-                                pad_values=self.pad_values, kernel_dilation=self.kernel_dilation)
-            bias = _bias(self, out_features)
-            return y if bias is None else y + bias
-        shape = tuple(kernel_size) + (in_per_group, out_features)
-        kernel = _latent_kernel(self, shape, qk, packable=packable) if packed is None \
-            else ops.unpacked_kernel(packed)  # a 1-bit kernel on real input
-        bias = _bias(self, out_features)
-        x, k = _quantize(self, qi, inputs), kernel if packed is not None else _quantize(self, qk, kernel)
-        x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=self.dtype)
-        y = ops.conv_nd(x, k, strides=self.strides, padding=self.padding, pad_values=self.pad_values,
-                    input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
-                    feature_group_count=groups, precision=self.precision,
-                    signs=_sign_operands(qi, qk, x), scaled=qk.values == "scaled_signs")
-        return y if bias is None else y + bias
+        packable = ops.packs_conv(qi, qk, rank=len(kernel_size), feature_group_count=groups,
+                                  input_dilation=self.input_dilation, pad_values=self.pad_values)
+        kernel = _kernel(self, tuple(kernel_size) + (in_per_group, out_features), qk, packable=packable)
+        return ops.quant_conv(inputs, kernel, _bias(self, out_features), strides=self.strides, padding=self.padding,
+                              pad_values=self.pad_values, input_dilation=self.input_dilation,
+                              kernel_dilation=self.kernel_dilation, feature_group_count=groups,
+                              input_quantizer=qi, kernel_quantizer=qk, precision=self.precision, dtype=self.dtype,
+                              rng=_quantizer_rng(self, qi, qk))
 
 
 class QuantConv(nn.Module, _ConvMixin):
@@ -463,44 +418,8 @@ class QuantDepthwiseConv2D(nn.Module, _ConvMixin):
 
 # --- ABC-Net --------------------------------------------------------------------------------------
 
-def abc_weight_bases(w, num_bases: int):
-    """ABC-Net's binary weight bases and their least-squares scales.
-
-    ``B_i = sign(W - mean(W) + u_i std(W))`` with ``u_i = -1 + 2 (i - 1) / (M - 1)`` (``u = 0`` for
-    ``M = 1``), and ``alpha = argmin ||vec(W) - sum_i alpha_i vec(B_i)||^2`` solved in closed form.
-    The sign uses a straight-through gradient (``dB_i/dW = 1``); alpha is a constant for the backward
-    pass, so ``dL/dW = sum_i alpha_i dL/dB_i`` as in the paper.
-
-    Args:
-      w: latent float kernel.
-      num_bases: M >= 1.
-
-    Returns:
-      ``(bases, alpha)``: bases of shape ``(M,) + w.shape`` with values ±1, alpha of shape ``(M,)``.
-
-    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
-    """
-    if num_bases < 1:
-        raise ValueError(f"num_weight_bases must be >= 1, got {num_bases}.")
-    u = jnp.zeros((1,)) if num_bases == 1 else jnp.linspace(-1.0, 1.0, num_bases)
-    mean, std = jax.lax.stop_gradient(jnp.mean(w)), jax.lax.stop_gradient(jnp.std(w))
-    shifted = (w - mean)[None] + (u * std).reshape((-1,) + (1,) * w.ndim).astype(w.dtype)
-    bases = quantizers.ste_sign(shifted, clip_value=None)
-    a = jax.lax.stop_gradient(bases.reshape(num_bases, -1).T.astype(jnp.float32))
-    alpha, *_ = jnp.linalg.lstsq(a, jax.lax.stop_gradient(w).reshape(-1).astype(jnp.float32))
-    return bases, alpha.astype(w.dtype)
-
-
-def abc_activation_bases(x, shifts):
-    """ABC-Net's shifted binarizations of an input: ``A_n = sign(clip(x + v_n, 0, 1) - 0.5)``.
-
-    Backward: straight-through sign, so ``dA_n/dx = dA_n/dv_n = 1(0 <= x + v_n <= 1)``.
-
-    Returns:
-      Array of shape ``(N,) + x.shape`` with values ±1.
-    """
-    v = shifts.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
-    return quantizers.ste_sign(jnp.clip(x[None] + v, 0, 1) - 0.5, clip_value=None)
+abc_weight_bases = ops.abc_weight_bases
+abc_activation_bases = ops.abc_activation_bases
 
 
 def _default_shifts(n):
@@ -508,34 +427,19 @@ def _default_shifts(n):
 
 
 class _ABCMixin:
-    """The forward pass shared by the ABC layers (fields live on each class)."""
+    """The variables shared by the ABC layers (fields live on each class)."""
 
-    def _approx(self, inputs, kernel_shape, op, packed_op=None):
+    def _abc_variables(self, kernel_shape, packable: bool):
         if self.num_act_bases is not None and self.num_act_bases < 1:
             raise ValueError(f"num_act_bases must be >= 1 or None (real input), got {self.num_act_bases}.")
-        packable = self.num_act_bases is not None and packed_op is not None
         q = quantizers.Quantizer("abc", quantizers.ste_sign, precision=self.num_weight_bases)
-        packed = _packed_kernel(self) if packable else None
-        if packed is None:
-            w = _latent_kernel(self, kernel_shape, q, precision=self.num_weight_bases, packable=packable)
+        packable = packable and self.num_act_bases is not None
+        kernel = _kernel(self, kernel_shape, q, precision=self.num_weight_bases, packable=packable)
+        shift = beta = None
         if self.num_act_bases is not None:
-            shifts = self.param("shift", _default_shifts(self.num_act_bases), (self.num_act_bases,),
-                                self.param_dtype)
+            shift = self.param("shift", _default_shifts(self.num_act_bases), (self.num_act_bases,), self.param_dtype)
             beta = self.param("beta", nn.initializers.ones_init(), (self.num_act_bases,), self.param_dtype)
-        bias = _bias(self, kernel_shape[-1])
-        if packed is not None:  # the M x N binary ops on packed bits
-            y = packed_op(inputs, packed, shifts, beta)
-            return y if bias is None else y + bias
-        bases, alpha = abc_weight_bases(w, self.num_weight_bases)
-        w_hat = jnp.tensordot(alpha, bases, axes=1)
-        x = inputs
-        if self.num_act_bases is not None:
-            # sum_n beta_n sum_m alpha_m op(A_n, B_m) = op(sum_n beta_n A_n, sum_m alpha_m B_m): one op
-            # trains the same function with the same gradients as the M x N binary ops it stands for.
-            x = jnp.tensordot(beta, abc_activation_bases(inputs, shifts), axes=1)
-        x, w_hat, bias = nn.dtypes.promote_dtype(x, w_hat, bias, dtype=self.dtype)
-        y = op(x, w_hat)
-        return y if bias is None else y + bias
+        return kernel, _bias(self, kernel_shape[-1]), shift, beta
 
 
 class ABCDense(nn.Module, _ABCMixin):
@@ -562,8 +466,9 @@ class ABCDense(nn.Module, _ABCMixin):
     @nn.compact
     def __call__(self, inputs):
         inputs = jnp.asarray(inputs)
-        dot = lambda x, w: jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        return self._approx(inputs, (inputs.shape[-1], self.features), dot, ops.packed_dense)
+        kernel, bias, shift, beta = self._abc_variables((inputs.shape[-1], self.features), packable=True)
+        return ops.abc_dense(inputs, kernel, bias, shift, beta, num_weight_bases=self.num_weight_bases,
+                             precision=self.precision, dtype=self.dtype)
 
 
 class ABCConv(nn.Module, _ABCMixin):
@@ -594,13 +499,11 @@ class ABCConv(nn.Module, _ABCMixin):
         inputs = jnp.asarray(inputs)
         ks = tuple(self.kernel_size)
         _check_rank("ABCConv", inputs, len(ks) + 2, "batch, *spatial, channels")
-        conv = lambda x, w: ops.conv_nd(x, w, strides=self.strides, padding=self.padding,
-                                        kernel_dilation=self.kernel_dilation, precision=self.precision)
-        packed = None
-        if len(ks) == 2:
-            packed = lambda x, k, v, b: ops.packed_conv(x, k, strides=self.strides, padding=self.padding,
-                                                        kernel_dilation=self.kernel_dilation, shifts=v, betas=b)
-        return self._approx(inputs, ks + (inputs.shape[-1], self.features), conv, packed)
+        kernel, bias, shift, beta = self._abc_variables(ks + (inputs.shape[-1], self.features),
+                                                        packable=len(ks) == 2)
+        return ops.abc_conv(inputs, kernel, bias, shift, beta, strides=self.strides, padding=self.padding,
+                            kernel_dilation=self.kernel_dilation, num_weight_bases=self.num_weight_bases,
+                            precision=self.precision, dtype=self.dtype)
 
 
 def abc_from_float(layer: nn.Module, params: dict, num_weight_bases: int = 3,

@@ -10,8 +10,6 @@ the plain formulation.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 from typing import Sequence
@@ -21,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bnnjax import _padding, packing
+from bnnjax import _padding, packing, quantizers
 
 __all__ = ["conv_nd", "max_pool", "xnor_product", "binary_gradient_precision", "packed_training", "float_forward",
-           "packed_dense", "packed_conv", "unpacked_kernel"]
+           "packed_dense", "packed_conv", "unpacked_kernel", "quant_dense", "quant_conv", "packs_dense", "packs_conv",
+           "abc_dense", "abc_conv", "abc_weight_bases", "abc_activation_bases", "folded_batch_norm", "prelu"]
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
     if v is None:
@@ -222,26 +221,26 @@ class _Rows:
         return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
 
 
-_FLOAT_FORWARD = contextvars.ContextVar("bnnjax_float_forward", default=False)
+# a jit-cache-sensitive context: a function traced packed outside float_forward() is traced again inside
+_FLOAT_FORWARD = jax.make_user_context(False)
 
 
 def packed_training() -> bool:
     """Whether ±1 layers run their forward pass on packed bits here (CPU, outside :func:`float_forward`)."""
     # Measured faster than the float32 dot on CPU only; on GPUs/TPUs the packed kernel would be an
     # int8 dot, untimed against their float units here, so they keep the float path.
-    return packing.backend_kernel() == "popcount" and not _FLOAT_FORWARD.get()
+    return packing.backend_kernel() == "popcount" and not _FLOAT_FORWARD.value
 
 
-@contextlib.contextmanager
 def float_forward():
     """Trace ±1 layers with their plain float products (no packed training forward) inside this block:
     the reference computation, for comparisons and benchmarks. Latent-kernel layers only; a packed
-    kernel from ``bnnjax.export.pack`` always runs packed."""
-    token = _FLOAT_FORWARD.set(True)
-    try:
-        yield
-    finally:
-        _FLOAT_FORWARD.reset(token)
+    kernel from ``bnnjax.export.pack`` always runs packed.
+
+    The setting is part of ``jax.jit``'s cache key: a function compiled outside the block is traced
+    and compiled again inside it (and the reverse), never silently reused.
+    """
+    return _FLOAT_FORWARD(True)
 
 
 def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
@@ -523,3 +522,264 @@ def _bases_product(lhs, x, kernel, shifts, betas, zero_padded=True):
         z = betas[n] * _packed_product(lhs, lhs.packed_rows(x + shifts[n] - 0.5), kernel, zero_padded)
         y = z if y is None else y + z
     return y
+
+
+# --- the layers' computations ---------------------------------------------------------------------
+# The linen modules (bnnjax.layers) and the NNX modules (bnnjax.nnx) create variables and call these;
+# each layer's arithmetic, and its choice between the latent kernel, the packed training forward and a
+# packed kernel, exists only here.
+
+def packs_dense(input_quantizer, kernel_quantizer) -> bool:
+    """Whether a dense layer with these quantizers runs on packed bits: its input is binarized to ±1
+    and its kernel is ±1 or a per-channel scale times ±1 (what ``bnnjax.export.pack`` packs)."""
+    qi, qk = quantizers.get(input_quantizer), quantizers.get(kernel_quantizer)
+    return qi.values == "signs" and qk.values in ("signs", "scaled_signs")
+
+
+def packs_conv(input_quantizer, kernel_quantizer, *, rank: int, feature_group_count: int = 1, input_dilation=1,
+               pad_values: float = 0.0) -> bool:
+    """Whether a convolution with these settings runs on packed bits: as :func:`packs_dense`, for a
+    2-D ungrouped convolution without input dilation that pads with 0 or 1."""
+    return (packs_dense(input_quantizer, kernel_quantizer) and rank == 2 and feature_group_count == 1
+            and _tuple(input_dilation, 2, "input_dilation") == (1, 1) and pad_values in (0.0, 1.0))
+
+
+def _sign_operands(qi, qk, x) -> bool:
+    """±1 operands in float32 on CPU: the forward pass runs on packed bits (:func:`xnor_product`)."""
+    return packs_dense(qi, qk) and x.dtype == jnp.float32 and packed_training()
+
+
+def _quantize(q, x, key):
+    if not q.needs_rng:
+        return q(x)
+    if key is not None:
+        return q(x, key)
+    # no key (evaluation): BinaryConnect's deterministic test-time binarization
+    return quantizers.ste_sign(x, dict(q.kwargs).get("clip_value", 1.0))
+
+
+def _quantizer_keys(qi, qk, rng):
+    if rng is None or not (qi.needs_rng or qk.needs_rng):
+        return None, None
+    ki, kk = jax.random.split(rng)
+    return ki, kk
+
+
+def _check_features(layer: str, x, kernel_shape, groups: int = 1, what: str = "in_features"):
+    want = kernel_shape[-2] * groups
+    if x.shape[-1] != want:
+        raise ValueError(f"{layer}: the input has {x.shape[-1]} features (last axis of shape {tuple(x.shape)}) but "
+                         f"the kernel {tuple(kernel_shape)} was made for {want}; build the layer with "
+                         f"{what}={x.shape[-1]}, or feed it inputs with {want} features.")
+
+
+def _add_bias(y, bias):
+    return y if bias is None else y + bias
+
+
+def quant_dense(x, kernel, bias=None, *, input_quantizer=None, kernel_quantizer=None, precision=None, dtype=None,
+                rng=None):
+    """A quantized dense layer: ``y = q_in(x) @ q_k(W) + b``.
+
+    Forward as written; the backward pass is the quantizers' surrogate gradients through the float
+    product (``dx = q_in'(x) * (g @ q_k(W)^T)``, ``dW = q_k'(W) * (q_in(x)^T @ g)``). ±1 operands in
+    float32 on CPU compute the product on packed bits (:func:`xnor_product`: the same values). A
+    :class:`~bnnjax.packing.PackedKernel` kernel (from ``bnnjax.export.pack``) is used as it is: packed
+    XNOR-popcount on the input's signs when the layer binarizes its input (:func:`packed_dense`), else
+    unpacked to the ±1 (scaled) kernel it stands for.
+
+    Args:
+      x: ``(..., in_features)``.
+      kernel: the latent kernel ``(in_features, out_features)`` or a ``PackedKernel``.
+      bias: ``(out_features,)`` or None.
+      input_quantizer, kernel_quantizer: names, callables or ``Quantizer``s (None: full precision).
+      precision: ``jax.lax.Precision`` of the dot.
+      dtype: computation dtype (None: promote the operands').
+      rng: PRNG key for stochastic quantizers (None: their deterministic evaluation form).
+
+    Returns:
+      ``(..., out_features)``.
+
+    Raises:
+      ValueError: a scalar input, or one whose last axis does not fit the kernel.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError("a dense layer expects inputs of rank >= 1 (..., features), got a scalar.")
+    qi, qk = quantizers.get(input_quantizer), quantizers.get(kernel_quantizer)
+    _check_features("dense layer", x, kernel.shape)
+    if isinstance(kernel, packing.PackedKernel):
+        if packs_dense(qi, qk):
+            return _add_bias(packed_dense(x, kernel), bias)
+        k = unpacked_kernel(kernel)  # a 1-bit kernel on real input
+        ki = _quantizer_keys(qi, qk, rng)[0]
+    else:
+        ki, kk = _quantizer_keys(qi, qk, rng)
+        k = _quantize(qk, kernel, kk)
+    x = _quantize(qi, x, ki)
+    x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=dtype)
+    if _sign_operands(qi, qk, x):
+        y = xnor_product(x, k, precision=precision, scaled=qk.values == "scaled_signs")
+        y = y.reshape(x.shape[:-1] + (k.shape[-1],))
+    else:
+        y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return _add_bias(y, bias)
+
+
+def quant_conv(x, kernel, bias=None, *, strides=1, padding="SAME", pad_values: float = 0.0, input_dilation=1,
+               kernel_dilation=1, feature_group_count: int = 1, input_quantizer=None, kernel_quantizer=None,
+               precision=None, dtype=None, rng=None):
+    """A quantized N-d convolution (N = kernel rank - 2, channels last): ``conv(pad(q_in(x), pad_values),
+    q_k(W)) + b``.
+
+    ``pad_values=1.0`` pads a ±1 input with +1 (one-padding: every input of a binary convolution stays
+    binary); 0.0 is Flax's zero padding. A depthwise convolution is ``feature_group_count = C`` with a
+    ``(kh, kw, 1, C * multiplier)`` kernel. Gradients, the packed training forward and
+    ``PackedKernel`` kernels as in :func:`quant_dense` (packed for 2-D ungrouped convolutions:
+    :func:`packs_conv`, :func:`packed_conv`).
+
+    Args:
+      x: ``(N, *spatial, C)``.
+      kernel: the latent ``(*kernel_size, C // groups, out_features)`` kernel or a ``PackedKernel``.
+      bias: ``(out_features,)`` or None.
+      strides, padding, input_dilation, kernel_dilation, feature_group_count: as ``flax.linen.Conv``.
+
+    Returns:
+      ``(N, *out_spatial, out_features)``.
+
+    Raises:
+      ValueError: an input of the wrong rank or channel count.
+    """
+    x = jnp.asarray(x)
+    n = len(kernel.shape) - 2
+    if x.ndim != n + 2:
+        raise ValueError(f"a {n}-D convolution expects inputs of rank {n + 2} (batch, *spatial, channels), got shape "
+                         f"{tuple(x.shape)}; add a batch axis with x[None] or reshape the input.")
+    g = feature_group_count
+    _check_features("convolution", x, kernel.shape, g)
+    qi, qk = quantizers.get(input_quantizer), quantizers.get(kernel_quantizer)
+    if isinstance(kernel, packing.PackedKernel):
+        if packs_conv(qi, qk, rank=n, feature_group_count=g, input_dilation=input_dilation, pad_values=pad_values):
+            return _add_bias(packed_conv(x, kernel, strides=strides, padding=padding, pad_values=pad_values,
+                                         kernel_dilation=kernel_dilation), bias)
+        k = unpacked_kernel(kernel)  # a 1-bit kernel on real input
+        ki = _quantizer_keys(qi, qk, rng)[0]
+    else:
+        ki, kk = _quantizer_keys(qi, qk, rng)
+        k = _quantize(qk, kernel, kk)
+    x = _quantize(qi, x, ki)
+    x, k, bias = nn.dtypes.promote_dtype(x, k, bias, dtype=dtype)
+    y = conv_nd(x, k, strides=strides, padding=padding, pad_values=pad_values, input_dilation=input_dilation,
+                kernel_dilation=kernel_dilation, feature_group_count=g, precision=precision,
+                signs=_sign_operands(qi, qk, x), scaled=qk.values == "scaled_signs")
+    return _add_bias(y, bias)
+
+
+def abc_weight_bases(w, num_bases: int):
+    """ABC-Net's binary weight bases and their least-squares scales.
+
+    ``B_i = sign(W - mean(W) + u_i std(W))`` with ``u_i = -1 + 2 (i - 1) / (M - 1)`` (``u = 0`` for
+    ``M = 1``), and ``alpha = argmin ||vec(W) - sum_i alpha_i vec(B_i)||^2`` solved in closed form.
+    The sign uses a straight-through gradient (``dB_i/dW = 1``); alpha is a constant for the backward
+    pass, so ``dL/dW = sum_i alpha_i dL/dB_i`` as in the paper.
+
+    Args:
+      w: latent float kernel.
+      num_bases: M >= 1.
+
+    Returns:
+      ``(bases, alpha)``: bases of shape ``(M,) + w.shape`` with values ±1, alpha of shape ``(M,)``.
+
+    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
+    """
+    if num_bases < 1:
+        raise ValueError(f"num_weight_bases must be >= 1, got {num_bases}.")
+    u = jnp.zeros((1,)) if num_bases == 1 else jnp.linspace(-1.0, 1.0, num_bases)
+    mean, std = jax.lax.stop_gradient(jnp.mean(w)), jax.lax.stop_gradient(jnp.std(w))
+    shifted = (w - mean)[None] + (u * std).reshape((-1,) + (1,) * w.ndim).astype(w.dtype)
+    bases = quantizers.ste_sign(shifted, clip_value=None)
+    a = jax.lax.stop_gradient(bases.reshape(num_bases, -1).T.astype(jnp.float32))
+    alpha, *_ = jnp.linalg.lstsq(a, jax.lax.stop_gradient(w).reshape(-1).astype(jnp.float32))
+    return bases, alpha.astype(w.dtype)
+
+
+def abc_activation_bases(x, shifts):
+    """ABC-Net's shifted binarizations of an input: ``A_n = sign(clip(x + v_n, 0, 1) - 0.5)``.
+
+    Backward: straight-through sign, so ``dA_n/dx = dA_n/dv_n = 1(0 <= x + v_n <= 1)``.
+
+    Returns:
+      Array of shape ``(N,) + x.shape`` with values ±1.
+    """
+    v = shifts.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
+    return quantizers.ste_sign(jnp.clip(x[None] + v, 0, 1) - 0.5, clip_value=None)
+
+
+def _abc(x, kernel, bias, shift, beta, num_weight_bases, dtype, op, packed_op):
+    if shift is not None and beta is None:
+        raise ValueError("ABC layers with activation bases need both shift and beta.")
+    if isinstance(kernel, packing.PackedKernel):
+        if shift is None or packed_op is None:
+            raise ValueError("a packed ABC kernel needs binary activation bases (shift, beta) and a 1-D or 2-D layer.")
+        return _add_bias(packed_op(x, kernel, shift, beta), bias)
+    bases, alpha = abc_weight_bases(kernel, num_weight_bases)
+    w_hat = jnp.tensordot(alpha, bases, axes=1)
+    if shift is not None:
+        # sum_n beta_n sum_m alpha_m op(A_n, B_m) = op(sum_n beta_n A_n, sum_m alpha_m B_m): one op
+        # trains the same function with the same gradients as the M x N binary ops it stands for.
+        x = jnp.tensordot(beta, abc_activation_bases(x, shift), axes=1)
+    x, w_hat, bias = nn.dtypes.promote_dtype(x, w_hat, bias, dtype=dtype)
+    return _add_bias(op(x, w_hat), bias)
+
+
+def abc_dense(x, kernel, bias=None, shift=None, beta=None, *, num_weight_bases: int = 3, precision=None, dtype=None):
+    """ABC-Net's dense layer: ``y = sum_n beta_n sum_m alpha_m (A_n @ B_m) + b``.
+
+    ``B_m``, ``alpha`` from :func:`abc_weight_bases` (alphas solved by least squares in every forward
+    pass), ``A_n`` from :func:`abc_activation_bases` with the learned ``shift`` ``v_n`` and ``beta``;
+    ``shift=None`` keeps the input real (ABC's ApproxDense). A ``PackedKernel`` (the M bases packed)
+    runs the M x N binary products on packed bits (:func:`packed_dense`).
+
+    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
+    """
+    x = jnp.asarray(x)
+    _check_features("ABC dense layer", x, kernel.shape)
+    dot = lambda a, w: jax.lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())), precision=precision)
+    packed = lambda a, k, v, b: packed_dense(a, k, shifts=v, betas=b)
+    return _abc(x, kernel, bias, shift, beta, num_weight_bases, dtype, dot, packed)
+
+
+def abc_conv(x, kernel, bias=None, shift=None, beta=None, *, strides=1, padding="SAME", kernel_dilation=1,
+             num_weight_bases: int = 3, precision=None, dtype=None):
+    """ABC-Net's convolution (1-3 D): ``y = sum_n beta_n sum_m alpha_m conv(A_n, B_m) + b``; see
+    :func:`abc_dense` (packed for 2-D kernels: :func:`packed_conv`).
+
+    Reference: Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural Network", NeurIPS 2017.
+    """
+    x = jnp.asarray(x)
+    n = len(kernel.shape) - 2
+    if x.ndim != n + 2:
+        raise ValueError(f"a {n}-D ABC convolution expects inputs of rank {n + 2} (batch, *spatial, channels), got "
+                         f"shape {tuple(x.shape)}.")
+    _check_features("ABC convolution", x, kernel.shape)
+    conv = lambda a, w: conv_nd(a, w, strides=strides, padding=padding, kernel_dilation=kernel_dilation,
+                                precision=precision)
+    packed = None
+    if n == 2:
+        packed = lambda a, k, v, b: packed_conv(a, k, strides=strides, padding=padding,
+                                                kernel_dilation=kernel_dilation, shifts=v, betas=b)
+    return _abc(x, kernel, bias, shift, beta, num_weight_bases, dtype, conv, packed)
+
+
+def folded_batch_norm(x, multiplier, offset, axis=-1, dtype=None):
+    """A BatchNorm folded for inference: ``y = x * a + b`` with ``a``, ``b`` per feature along ``axis``
+    (``a = scale / sqrt(var + eps)``, ``b = bias - mean * a``: LCE's multiplier and offset)."""
+    axes = {a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,))}
+    shape = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
+    y = x * multiplier.reshape(shape) + offset.reshape(shape)
+    return y if dtype is None else y.astype(dtype)
+
+
+def prelu(x, alpha):
+    """Parametric ReLU: ``y = max(x, 0) + alpha * min(x, 0)`` (He et al., ICCV 2015)."""
+    return jnp.maximum(x, 0) + alpha.astype(x.dtype) * jnp.minimum(x, 0)
