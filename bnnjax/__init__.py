@@ -2,7 +2,7 @@
 
 Quantizers with straight-through gradients, quantized Flax linen layers, optax transforms for binary
 kernels, a Larq-style summary; the submodules ``datasets``, ``pipeline``, ``train``, ``export``,
-``packing``, ``ops``, ``zoo`` and ``experiment`` load on first use (``bnnjax.zoo.load(...)``).
+``packing``, ``ops``, ``nnx`` (Flax NNX layers), ``zoo`` and ``experiment`` load on first use (``bnnjax.zoo.load(...)``).
 """
 
 import importlib
@@ -23,7 +23,7 @@ __all__ = ["layers", "models", "optim", "quantizers", "summary", "ABCConv", "ABC
            "dorefa", "magnitude_aware_sign", "ste_heaviside", "ste_sign", "ste_tern", "stochastic_sign",
            "swish_sign", "xnor_weight_scale"]
 
-_LAZY = ("datasets", "experiment", "export", "ops", "packing", "pipeline", "train", "zoo")
+_LAZY = ("datasets", "experiment", "export", "nnx", "ops", "packing", "pipeline", "train", "zoo")
 
 
 def __getattr__(name):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import nnx
 from flax import serialization, traverse_util
 from flax.core import meta
 
@@ -107,33 +108,64 @@ def _fold_batch_norms(model, variables: dict, example_input) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def pack(model, variables: dict, example_input=None, *, fold_batch_norm: bool = True) -> dict:
-    """The model's variables with every packable kernel bit-packed (inference only).
+def _inference_fn(model, variables=None, method=None):
+    """``x -> model's inference output``: ``model.apply(variables, x)`` for linen, ``model(x)`` of an NNX
+    model in evaluation mode (a clone: the model is not changed) for NNX, its variables closed over."""
+    if isinstance(model, nnx.Module):
+        model = nnx.clone(model)
+        model.eval()
+        graphdef, state = nnx.split(model)
+        return lambda a: nnx.merge(graphdef, state)(a)
+    return lambda a: model.apply(variables, a, method=method)
 
-    Kernels are found by their :class:`~bnnjax.layers.QuantParam` tag. With ``example_input`` every
-    :class:`bnnjax.layers.BatchNorm` the model calls is also folded into two numbers per channel,
-    ``y = x * a + b`` (:func:`bnnjax.layers.fold_batch_norm`; Flax's own ``nn.BatchNorm`` keeps its
+
+def _verify(float_fn, packed_fn, example_input):
+    x = jnp.asarray(example_input)
+    want = np.asarray(jax.jit(float_fn)(x))
+    got = np.asarray(jax.jit(packed_fn)(x))
+    if got.shape != want.shape or not np.array_equal(got.argmax(-1), want.argmax(-1)):
+        raise ExportError("the packed model's predictions differ from the float model's on example_input.")
+    if not np.allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max())):
+        raise ExportError(f"packed outputs differ from the float model's by up to {np.abs(got - want).max():.3g}.")
+
+
+def pack(model, variables=None, example_input=None, *, fold_batch_norm: bool = True):
+    """The model with every packable kernel bit-packed (inference only).
+
+    ``pack(linen_module, variables, example_input)`` returns packed variables for
+    ``linen_module.apply``; ``pack(nnx_model, example_input)`` returns a packed NNX model (a new model
+    in evaluation mode; the one given is not changed). Kernels are found by their tag
+    (:class:`~bnnjax.layers.QuantParam`, :class:`bnnjax.nnx.QuantParam`) and become
+    :class:`~bnnjax.packing.PackedKernel` values the same layers run packed. With ``example_input``
+    every bnnjax BatchNorm the model calls is also folded into two numbers per channel,
+    ``y = x * a + b`` (:func:`bnnjax.layers.fold_batch_norm`; Flax's own BatchNorm keeps its
     variables, as it cannot read the folded form). Packed kernels compute exactly what the float layers
     compute; folded BatchNorms round differently from ``(x - mean) * a + bias``, so outputs agree up to
     float32 rounding (and a value within rounding of a binarizing sign's threshold may fall on the other
     side); ``fold_batch_norm=False`` keeps Flax's arithmetic, bit for bit.
 
     Args:
-      model: the Flax module the variables belong to (called as ``model.apply(variables, x)``).
-      variables: its trained variables (``{"params": ..., "batch_stats": ...}``).
+      model: the Flax linen module the variables belong to (called as ``model.apply(variables, x)``),
+        or a Flax NNX model (called as ``model(x)`` after ``model.eval()``).
+      variables: a linen model's trained variables (``{"params": ..., "batch_stats": ...}``); for an NNX
+        model, this argument is ``example_input``.
       example_input: optional batch, or its ``jax.ShapeDtypeStruct``, to trace the model with (which
-        BatchNorm layers it calls). An array is also a check: ``model.apply`` on the packed and on the
-        float variables must give the same argmax on it, and outputs within 1e-2 of each other
-        (relative to the largest), else ``ExportError``.
+        BatchNorm layers it calls). An array is also a check: the packed and the float model must give
+        the same argmax on it, and outputs within 1e-2 of each other (relative to the largest), else
+        ``ExportError``.
       fold_batch_norm: fold bnnjax's BatchNorm layers (needs ``example_input``).
 
     Returns:
-      Variables for ``model.apply``: the same tree with :class:`~bnnjax.packing.PackedKernel` leaves
-      (and folded BatchNorm statistics).
+      linen: the same variable tree with ``PackedKernel`` leaves (and folded BatchNorm statistics);
+      NNX: the packed model.
 
     Raises:
       ExportError: the verification failed.
     """
+    if isinstance(model, nnx.Module):
+        if example_input is not None:
+            raise TypeError("an NNX model is packed as pack(model, example_input): it holds its own variables.")
+        return _pack_nnx(model, variables, fold_batch_norm)
     is_box = lambda x: isinstance(x, L.QuantParam)
     packed = jax.tree.map(lambda v: _pack_kernel(v) if _packs(v) else v, variables, is_leaf=is_box)
     if example_input is None:
@@ -141,20 +173,51 @@ def pack(model, variables: dict, example_input=None, *, fold_batch_norm: bool = 
     if fold_batch_norm:
         packed = _fold_batch_norms(model, packed, example_input)
     if not isinstance(example_input, jax.ShapeDtypeStruct):
-        x = jnp.asarray(example_input)
-        want = np.asarray(jax.jit(model.apply)(variables, x))
-        got = np.asarray(jax.jit(model.apply)(packed, x))
-        if got.shape != want.shape or not np.array_equal(got.argmax(-1), want.argmax(-1)):
-            raise ExportError("the packed model's predictions differ from the float model's on example_input.")
-        if not np.allclose(got, want, rtol=0, atol=1e-2 * float(np.abs(want).max())):
-            raise ExportError(f"packed outputs differ from the float model's by up to {np.abs(got - want).max():.3g}.")
+        _verify(_inference_fn(model, variables), _inference_fn(model, packed), example_input)
+    return packed
+
+
+def _pack_nnx(model: nnx.Module, example_input, fold_batch_norm: bool) -> nnx.Module:
+    from bnnjax import nnx as bnx
+
+    if isinstance(model, bnx.LinenModel):
+        variables = model.linen_variables()
+        packed = pack(model.linen_module, variables, example_input, fold_batch_norm=fold_batch_norm)
+        return bnx.LinenModel(model.linen_module, packed, train_kwarg=model.train_kwarg)
+    packed = nnx.clone(model)
+    packed.eval()
+    for _, module in nnx.iter_modules(packed):
+        for name, var in list(vars(module).items()):
+            if isinstance(var, bnx.QuantParam):
+                box = L.QuantParam(var.get_value(), var.precision, var.quantizer, var.get_metadata().get("packable", False))
+                if _packs(box):
+                    setattr(module, name, nnx.Param(_pack_kernel(box)))
+        if fold_batch_norm and example_input is not None and isinstance(module, bnx.BatchNorm) \
+                and getattr(module, "multiplier", None) is None:
+            params = {k: getattr(module, k).get_value() for k in ("scale", "bias") if getattr(module, k) is not None}
+            stats = {k: getattr(module, k).get_value() for k in ("mean", "var")}
+            folded = L.fold_batch_norm(module, params, stats)
+            for k in ("mean", "var", "scale", "bias"):
+                setattr(module, k, nnx.data(None))
+            module.multiplier, module.offset = nnx.BatchStat(folded["multiplier"]), nnx.BatchStat(folded["offset"])
+    if example_input is not None and not isinstance(example_input, jax.ShapeDtypeStruct):
+        _verify(_inference_fn(model), _inference_fn(packed), example_input)
     return packed
 
 
 def packed_bytes(variables) -> int:
-    """Bytes of the arrays in (packed) variables: what a packed model stores."""
+    """Bytes of the arrays in (packed) variables, or of a (packed) NNX model's state: what a packed model
+    stores."""
+    if isinstance(variables, nnx.Module):
+        variables = nnx.state(variables, nnx.Param, nnx.BatchStat, bnx_constant())
     leaves = jax.tree.leaves(meta.unbox(variables))
     return int(sum(np.asarray(a).nbytes for a in leaves))
+
+
+def bnx_constant():
+    from bnnjax.nnx import Constant
+
+    return Constant
 
 
 # --- packed variables in a file -------------------------------------------------------------------
@@ -219,8 +282,21 @@ def load_packed(path: str | os.PathLike) -> dict:
 
 # --- portable artifact ----------------------------------------------------------------------------
 
-def save_artifact(path: str | os.PathLike, model, packed: dict, example_input, *, method=None) -> int:
-    """Write ``model.apply(packed, x)`` as serialized StableHLO (``jax.export``), weights embedded.
+def _model_args(model, packed, example_input):
+    """``(variables, example_input)`` of the linen form ``f(model, packed, x)`` or the NNX form
+    ``f(model, x)``."""
+    if isinstance(model, nnx.Module):
+        if example_input is not None:
+            raise TypeError("an NNX model holds its variables: call with (model, example_input).")
+        return None, packed
+    if example_input is None:
+        raise TypeError("a linen model needs its variables: call with (model, packed, example_input).")
+    return packed, example_input
+
+
+def save_artifact(path: str | os.PathLike, model, packed=None, example_input=None, *, method=None) -> int:
+    """Write ``model.apply(packed, x)`` (linen) or ``model(x)`` (a packed NNX model, evaluation mode) as
+    serialized StableHLO (``jax.export``), weights embedded.
 
     The batch dimension is symbolic: the file runs any batch size. Loading and running it needs jax
     only: ``jax.export.deserialize(open(path, "rb").read()).call(x)``. The exported function is checked
@@ -228,10 +304,10 @@ def save_artifact(path: str | os.PathLike, model, packed: dict, example_input, *
 
     Args:
       path: the file to write.
-      model: the Flax module.
-      packed: its variables, usually from :func:`pack`.
+      model: the Flax linen module, or a (packed) NNX model: ``save_artifact(path, nnx_model, x)``.
+      packed: a linen module's variables, usually from :func:`pack`.
       example_input: a batch fixing the per-example shape and dtype.
-      method: the module method to export (default ``__call__``).
+      method: the linen module method to export (default ``__call__``).
 
     Returns:
       The file's size in bytes.
@@ -239,10 +315,11 @@ def save_artifact(path: str | os.PathLike, model, packed: dict, example_input, *
     Raises:
       ExportError: the exported function disagrees with ``model.apply`` on ``example_input``.
     """
+    packed, example_input = _model_args(model, packed, example_input)
     x = jnp.asarray(example_input)
     batch, = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
-    fn = jax.jit(lambda a: model.apply(packed, a, method=method))
+    fn = jax.jit(_inference_fn(model, packed, method))
     exported = jax.export.export(fn)(spec)
     got, want = np.asarray(exported.call(x)), np.asarray(fn(x))
     if got.shape != want.shape or not np.array_equal(got.argmax(-1), want.argmax(-1)):
@@ -287,9 +364,10 @@ def _iree():
     return compiler, runtime
 
 
-def compile_iree(model, packed: dict, example_input, target: str = "host",
+def compile_iree(model, packed=None, example_input=None, target: str = "host",
                  path: str | os.PathLike | None = None) -> bytes:
-    """Compile ``model.apply(packed, .)`` with IREE for a CPU: the same StableHLO as
+    """Compile ``model.apply(packed, .)`` (or an NNX model: ``compile_iree(model, x, target=...)``) with
+    IREE for a CPU: the same StableHLO as
     :func:`save_artifact`, at the fixed batch size of ``example_input`` (IREE's CPU backend does not
     take jax's symbolic dimensions).
 
@@ -308,8 +386,9 @@ def compile_iree(model, packed: dict, example_input, target: str = "host",
     if target not in IREE_TARGETS:
         raise ValueError(f"unknown IREE target {target!r}; choose one of {sorted(IREE_TARGETS)}.")
     compiler, _ = _iree()
+    packed, example_input = _model_args(model, packed, example_input)
     x = jnp.asarray(example_input)
-    exported = jax.export.export(jax.jit(lambda a: model.apply(packed, a)))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    exported = jax.export.export(jax.jit(_inference_fn(model, packed)))(jax.ShapeDtypeStruct(x.shape, x.dtype))
     vmfb = compiler.compile_str(exported.mlir_module(), target_backends=["llvm-cpu"], input_type="stablehlo",
                                 extra_args=IREE_TARGETS[target])
     if path is not None:

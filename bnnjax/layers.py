@@ -17,11 +17,12 @@ import numpy as np
 from flax import struct
 from flax.core import meta
 from flax import linen as nn
+from flax import nnx
 
 from bnnjax import ops, quantizers
 
 __all__ = [
-    "QuantParam", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
+    "QuantParam", "is_tag", "is_quantized", "is_binary", "precision_of", "QuantDense", "QuantConv",
     "QuantDepthwiseConv2D", "ABCDense", "ABCConv", "abc_from_float", "MaxPool", "Flatten",
     "GlobalAvgPool", "Activation", "BatchNorm", "fold_batch_norm", "keras_batch_norm", "PReLU",
     "FixedDepthwiseConv2D", "blurpool_initializer",
@@ -62,9 +63,22 @@ class QuantParam(struct.PyTreeNode, meta.AxisMetadata):
         return self
 
 
+def _is_nnx_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def is_tag(x) -> bool:
+    """True for a parameter wrapper that may carry a quantization tag: a linen :class:`QuantParam` box or
+    any NNX variable (``bnnjax.nnx.QuantParam`` is the tagged one); what tree traversals treat as one
+    leaf."""
+    return isinstance(x, QuantParam) or _is_nnx_variable(x)
+
+
 def is_quantized(x) -> bool:
-    """True for a kernel boxed by a quantized layer (any bit width)."""
-    return isinstance(x, QuantParam)
+    """True for a kernel tagged by a quantized layer (any bit width): a linen :class:`QuantParam` box or an
+    NNX ``bnnjax.nnx.QuantParam`` variable."""
+    return isinstance(x, QuantParam) or (_is_nnx_variable(x) and x.has_metadata("precision")
+                                          and x.has_metadata("quantizer"))
 
 
 def is_binary(x) -> bool:
@@ -73,13 +87,15 @@ def is_binary(x) -> bool:
     ABC-Net kernels are real latent kernels approximated by M binary bases with solved scales; they
     are not 1-bit weights even when M = 1, and their straight-through gradient is unclipped.
     """
-    return isinstance(x, QuantParam) and x.precision == 1 and x.quantizer != "abc"
+    return is_quantized(x) and x.precision == 1 and x.quantizer != "abc"
 
 
 def precision_of(x) -> int:
-    """Bits per entry of a (possibly boxed) parameter: its tag, else its dtype's width."""
-    if isinstance(x, QuantParam):
+    """Bits per entry of a (possibly tagged) parameter: its tag, else its dtype's width."""
+    if is_quantized(x):
         return x.precision
+    if _is_nnx_variable(x):
+        x = x.get_value()
     return int(np.dtype(x.dtype).itemsize * 8)
 
 
@@ -145,7 +161,7 @@ class Flatten(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return x.reshape((x.shape[0], -1))
+        return ops.flatten(x)
 
 
 class Activation(nn.Module):
@@ -159,12 +175,7 @@ class Activation(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        fn = self.fn
-        if isinstance(fn, str):
-            fn = getattr(jax.nn, fn, None)
-            if not callable(fn):
-                raise ValueError(f"unknown activation {self.fn!r}: name a jax.nn function such as 'relu'.")
-        return fn(x)
+        return ops.activation(self.fn)(x)
 
 
 class GlobalAvgPool(nn.Module):
@@ -172,10 +183,7 @@ class GlobalAvgPool(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if x.ndim < 3:
-            raise ValueError(f"GlobalAvgPool expects inputs of rank >= 3 (batch, *spatial, channels), got shape "
-                             f"{tuple(x.shape)}.")
-        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+        return ops.global_avg_pool(x)
 
 
 class BatchNorm(nn.BatchNorm):
@@ -284,8 +292,8 @@ class FixedDepthwiseConv2D(nn.Module):
         kernel = self.variable("constants", "kernel", lambda: self.kernel_init(
             self.make_rng("params") if self.has_rng("params") else jax.random.key(0),
             tuple(self.kernel_size) + (1, c), self.param_dtype)).value
-        return ops.conv_nd(x, kernel.astype(x.dtype), strides=self.strides, padding=self.padding,
-                           feature_group_count=c)
+        return ops.quant_conv(x, kernel.astype(x.dtype), strides=self.strides, padding=self.padding,
+                              feature_group_count=c)
 
 
 
@@ -423,7 +431,7 @@ abc_activation_bases = ops.abc_activation_bases
 
 
 def _default_shifts(n):
-    return lambda key, shape, dtype=jnp.float32: (jnp.linspace(-0.5, 0.5, n + 2)[1:-1]).astype(dtype)
+    return lambda key, shape, dtype=jnp.float32: ops.abc_default_shifts(n, dtype)
 
 
 class _ABCMixin:

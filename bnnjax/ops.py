@@ -23,7 +23,8 @@ from bnnjax import _padding, packing, quantizers
 
 __all__ = ["conv_nd", "max_pool", "xnor_product", "binary_gradient_precision", "packed_training", "float_forward",
            "packed_dense", "packed_conv", "unpacked_kernel", "quant_dense", "quant_conv", "packs_dense", "packs_conv",
-           "abc_dense", "abc_conv", "abc_weight_bases", "abc_activation_bases", "folded_batch_norm", "prelu"]
+           "abc_dense", "abc_conv", "abc_weight_bases", "abc_activation_bases", "abc_default_shifts", "folded_batch_norm",
+           "prelu", "flatten", "global_avg_pool", "activation"]
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
     if v is None:
@@ -569,8 +570,8 @@ def _check_features(layer: str, x, kernel_shape, groups: int = 1, what: str = "i
     want = kernel_shape[-2] * groups
     if x.shape[-1] != want:
         raise ValueError(f"{layer}: the input has {x.shape[-1]} features (last axis of shape {tuple(x.shape)}) but "
-                         f"the kernel {tuple(kernel_shape)} was made for {want}; build the layer with "
-                         f"{what}={x.shape[-1]}, or feed it inputs with {want} features.")
+                         f"its kernel {tuple(kernel_shape)} takes {want}; feed it inputs with {want} features, or "
+                         f"build the layer with {what}={x.shape[-1]}.")
 
 
 def _add_bias(y, bias):
@@ -783,3 +784,39 @@ def folded_batch_norm(x, multiplier, offset, axis=-1, dtype=None):
 def prelu(x, alpha):
     """Parametric ReLU: ``y = max(x, 0) + alpha * min(x, 0)`` (He et al., ICCV 2015)."""
     return jnp.maximum(x, 0) + alpha.astype(x.dtype) * jnp.minimum(x, 0)
+
+
+def abc_default_shifts(num_act_bases: int, dtype=jnp.float32):
+    """ABC-Net's initial activation shifts: ``num_act_bases`` values spread evenly inside (-0.5, 0.5)."""
+    return jnp.linspace(-0.5, 0.5, num_act_bases + 2)[1:-1].astype(dtype)
+
+
+def flatten(x):
+    """Every axis but the batch axis flattened (Keras' ``Flatten``)."""
+    return x.reshape((x.shape[0], -1))
+
+
+def global_avg_pool(x):
+    """Mean over every spatial axis: ``(N, *spatial, C) -> (N, C)`` (Keras' ``GlobalAveragePooling``).
+
+    Raises:
+      ValueError: an input of rank < 3.
+    """
+    if x.ndim < 3:
+        raise ValueError(f"GlobalAvgPool expects inputs of rank >= 3 (batch, *spatial, channels), got shape "
+                         f"{tuple(x.shape)}.")
+    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+def activation(fn):
+    """The elementwise function ``fn`` names (a ``jax.nn`` function such as ``"relu"``), or ``fn`` itself.
+
+    Raises:
+      ValueError: a name that is not a ``jax.nn`` function.
+    """
+    if not isinstance(fn, str):
+        return fn
+    f = getattr(jax.nn, fn, None)
+    if not callable(f):
+        raise ValueError(f"unknown activation {fn!r}: name a jax.nn function such as 'relu'.")
+    return f

@@ -1,7 +1,7 @@
 """Larq-style model summary: parameters by bit width, memory, and MACs by precision, per layer.
 
-Shapes come from ``jax.eval_shape`` of ``module.init`` (no forward pass is computed) with every
-submodule call intercepted to record its input and output shapes. Counting rules follow Larq's
+Shapes come from ``jax.eval_shape`` of ``module.init`` (linen) or of the model's call (NNX) with every
+submodule call intercepted to record its input and output shapes (no forward pass is computed). Counting rules follow Larq's
 ``lq.models.summary``: a BatchNorm counts as fused (2 numbers per channel: its offset is folded with
 the moving mean, its scale with the moving variance); MACs are kernel size x output positions, at the
 precision ``max(input bits, kernel bits)``.
@@ -15,14 +15,30 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import linen as nn
+from flax import nnx
 
 from bnnjax import layers as L
 from bnnjax import quantizers
 
 __all__ = ["summary", "LayerProfile"]
 
-_MAC_LAYERS = (nn.Dense, nn.Conv, nn.ConvTranspose, L.QuantDense, L.QuantConv, L.QuantDepthwiseConv2D,
-               L.ABCDense, L.ABCConv, L.FixedDepthwiseConv2D)
+
+def _nnx_layers():
+    from bnnjax import nnx as bnx
+
+    return bnx
+
+
+def _mac_layers():
+    bnx = _nnx_layers()
+    return (nn.Dense, nn.Conv, nn.ConvTranspose, L.QuantDense, L.QuantConv, L.QuantDepthwiseConv2D, L.ABCDense,
+            L.ABCConv, L.FixedDepthwiseConv2D, nnx.Linear, nnx.Conv, nnx.ConvTranspose, bnx.QuantLinear,
+            bnx.QuantConv, bnx.ABCLinear, bnx.ABCConv, bnx.FixedDepthwiseConv)
+
+
+def _is_abc(module) -> bool:
+    bnx = _nnx_layers()
+    return isinstance(module, (L.ABCDense, L.ABCConv, bnx.ABCLinear, bnx.ABCConv))
 
 
 @dataclasses.dataclass
@@ -54,7 +70,7 @@ def _own_vars(variables, path):
 
 def _input_precision(module) -> int | None:
     q = getattr(module, "input_quantizer", None)
-    if isinstance(module, (L.ABCDense, L.ABCConv)):
+    if _is_abc(module):
         return 1 if module.num_act_bases is not None else None
     return quantizers.get(q).precision if q is not None else None
 
@@ -63,7 +79,7 @@ def _profile(name, module, own, in_shape, out_shape) -> LayerProfile:
     params = dict(own.get("params", {}))
     stats = {c: v for c, v in own.items() if c != "params"}
     bn_stats = stats.get("batch_stats", {})
-    if isinstance(module, nn.BatchNorm):
+    if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
         # Larq counts BatchNorm as fused for inference: offset folds into the mean, scale into the variance
         if "bias" in params and "mean" in bn_stats:
             params.pop("bias")
@@ -84,11 +100,11 @@ def _profile(name, module, own, in_shape, out_shape) -> LayerProfile:
     in_prec = _input_precision(module)
     macs: dict[int, int] = {}
     kernel = own.get("params", {}).get("kernel", own.get("constants", {}).get("kernel"))
-    if isinstance(module, _MAC_LAYERS) and kernel is not None and out_shape:
+    if isinstance(module, _mac_layers()) and kernel is not None and out_shape:
         kshape = kernel.value.shape if L.is_quantized(kernel) else kernel.shape
         positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 1 else 1
         count = int(np.prod(kshape)) * positions
-        if isinstance(module, (L.ABCDense, L.ABCConv)):
+        if _is_abc(module):
             count *= module.num_weight_bases * (module.num_act_bases or 1)
         mac_bits = max(in_prec or 32, L.precision_of(kernel))
         macs[mac_bits] = count
@@ -159,24 +175,7 @@ def _table(title, header, rows, footer=None):
     return "\n".join(out)
 
 
-def summary(module: nn.Module, *example_inputs, print_fn: Callable[[str], Any] | None = print,
-            rngs=None, **kwargs) -> dict:
-    """Print Larq's two summary tables for a Flax module and return the figures.
-
-    Args:
-      module: a Flax linen module.
-      *example_inputs: arguments of ``module.__call__`` (arrays or ``jax.ShapeDtypeStruct``; the first
-        axis is the batch axis, counted out of MACs).
-      print_fn: where the tables go; None prints nothing.
-      rngs: PRNG key(s) for ``init`` (default ``jax.random.key(0)``; shapes only, no values computed).
-      **kwargs: keyword arguments of ``module.__call__`` (e.g. ``train=False``).
-
-    Returns:
-      A dict with ``layers`` (a list of per-layer dicts), ``params_by_bits`` ({bits: count}),
-      ``total_params``, ``trainable_params``, ``non_trainable_params``, ``memory_kib``,
-      ``memory_8bit_kib``, ``float32_kib``, ``compression_ratio``, ``macs_by_bits`` ({bits: count}),
-      ``total_macs`` and ``binarized_mac_ratio``.
-    """
+def _linen_profiles(module: nn.Module, example_inputs, kwargs, rngs) -> list[LayerProfile]:
     rngs = jax.random.key(0) if rngs is None else rngs
     if not isinstance(rngs, dict):
         rngs = {"params": rngs, "dropout": rngs, "quantizer": rngs}
@@ -185,10 +184,75 @@ def summary(module: nn.Module, *example_inputs, print_fn: Callable[[str], Any] |
     profiles, seen = [], set()
     for path, mod, in_shape, out_shape in calls:
         own = _own_vars(variables, path)
-        if path in seen or (not own and not isinstance(mod, _MAC_LAYERS)) or (path == () and not own):
+        if path in seen or (not own and not isinstance(mod, _mac_layers())) or (path == () and not own):
             continue
         seen.add(path)
         profiles.append(_profile("/".join(path) or type(mod).__name__, mod, own, in_shape, out_shape))
+    return profiles
+
+
+def _nnx_own_vars(module: nnx.Module) -> dict:
+    """A module's own variables (not its submodules') by linen collection, tags as linen boxes."""
+    bnx = _nnx_layers()
+    own: dict = {}
+    for name, var in vars(module).items():
+        if not isinstance(var, nnx.Variable) or isinstance(var, nnx.RngState):
+            continue
+        value = var.get_value()
+        if isinstance(var, bnx.QuantParam):
+            value = L.QuantParam(value, var.precision, var.quantizer)
+        collection = "params" if isinstance(var, nnx.Param) else (
+            "constants" if isinstance(var, bnx.Constant) else "batch_stats" if isinstance(var, nnx.BatchStat)
+            else type(var).__name__)
+        own.setdefault(collection, {})[name] = value
+    return own
+
+
+def _nnx_profiles(model: nnx.Module, example_inputs, kwargs) -> list[LayerProfile]:
+    from bnnjax.nnx._trace import trace_calls
+
+    profiles, seen = [], set()
+    for call in trace_calls(model, *example_inputs, **kwargs):
+        module = model
+        for p in call.path:
+            module = module[p] if isinstance(p, int) else getattr(module, p)
+        own = _nnx_own_vars(module)
+        if call.path in seen or (not own and not isinstance(module, _mac_layers())) or (call.path == () and not own):
+            continue
+        seen.add(call.path)
+        name = "/".join(map(str, call.path)) or type(module).__name__
+        profiles.append(_profile(name, module, own, call.input_shape, call.output_shape))
+    return profiles
+
+
+def summary(module, *example_inputs, print_fn: Callable[[str], Any] | None = print,
+            rngs=None, **kwargs) -> dict:
+    """Print Larq's two summary tables for a Flax module and return the figures.
+
+    Args:
+      module: a Flax linen module, or a Flax NNX model (its variables as they are; a
+        :class:`bnnjax.nnx.LinenModel` is summarized as the linen module it wraps).
+      *example_inputs: arguments of ``module.__call__`` (arrays or ``jax.ShapeDtypeStruct``; the first
+        axis is the batch axis, counted out of MACs).
+      print_fn: where the tables go; None prints nothing.
+      rngs: PRNG key(s) for a linen module's ``init`` (default ``jax.random.key(0)``; shapes only, no
+        values computed).
+      **kwargs: keyword arguments of ``module.__call__`` (e.g. ``train=False`` for linen).
+
+    Returns:
+      A dict with ``layers`` (a list of per-layer dicts), ``params_by_bits`` ({bits: count}),
+      ``total_params``, ``trainable_params``, ``non_trainable_params``, ``memory_kib``,
+      ``memory_8bit_kib``, ``float32_kib``, ``compression_ratio``, ``macs_by_bits`` ({bits: count}),
+      ``total_macs`` and ``binarized_mac_ratio``.
+    """
+    if isinstance(module, nnx.Module) and isinstance(module, _nnx_layers().LinenModel):
+        if module.train_kwarg is not None:
+            kwargs = {module.train_kwarg: False, **kwargs}
+        module = module.linen_module
+    if isinstance(module, nnx.Module):
+        profiles = _nnx_profiles(module, example_inputs, kwargs)
+    else:
+        profiles = _linen_profiles(module, example_inputs, kwargs, rngs)
 
     bits_all = sorted({b for p in profiles for b in p.params_by_bits} | {b for p in profiles for b in p.macs_by_bits})
     params_by_bits = {b: sum(p.params_by_bits.get(b, 0) for p in profiles) for b in bits_all
