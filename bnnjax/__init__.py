@@ -10,7 +10,7 @@ import importlib
 from bnnjax import layers, models, optim, quantizers
 from bnnjax.layers import (ABCConv, ABCDense, BatchNorm, QuantConv, QuantDense, QuantDepthwiseConv2D, QuantParam,
                            abc_from_float, is_binary, is_quantized)
-from bnnjax.optim import bop, binary_labels, case_optimizer, flip_ratio, warn_if_unclipped, weight_clip
+from bnnjax.optim import bop, binary_labels, case_optimizer, flip_ratio, sign_kernels, warn_if_unclipped, weight_clip
 from bnnjax.quantizers import (approx_sign, dorefa, magnitude_aware_sign, ste_heaviside, ste_sign, ste_tern,
                                stochastic_sign, swish_sign, xnor_weight_scale)
 from bnnjax.summary import summary
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = ["layers", "models", "optim", "quantizers", "summary", "ABCConv", "ABCDense", "BatchNorm", "QuantConv",
            "QuantDense", "QuantDepthwiseConv2D", "QuantParam", "abc_from_float", "is_binary", "is_quantized", "bop",
-           "binary_labels", "case_optimizer", "flip_ratio", "warn_if_unclipped", "weight_clip", "approx_sign",
+           "binary_labels", "case_optimizer", "flip_ratio", "sign_kernels", "warn_if_unclipped", "weight_clip", "approx_sign",
            "dorefa", "magnitude_aware_sign", "ste_heaviside", "ste_sign", "ste_tern", "stochastic_sign",
            "swish_sign", "xnor_weight_scale"]
 

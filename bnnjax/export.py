@@ -34,7 +34,7 @@ from flax import nnx
 from flax import serialization, traverse_util
 from flax.core import meta
 
-from bnnjax import layers as L
+from bnnjax import _trace, layers as L
 from bnnjax import packing as pk
 from bnnjax import quantizers
 
@@ -80,17 +80,9 @@ def _packs(box) -> bool:
 def _batch_norms(model, variables, example_input) -> dict[tuple, L.BatchNorm]:
     """The :class:`bnnjax.layers.BatchNorm` modules that ``model.apply(variables, x)`` calls, by path
     (traced with ``jax.eval_shape``: nothing is computed)."""
-    found = {}
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, L.BatchNorm):
-            found[tuple(context.module.path)] = context.module
-        return next_fun(*args, **kwargs)
-
     x = jax.ShapeDtypeStruct(jnp.shape(example_input), jnp.result_type(example_input))
-    with nn.intercept_methods(record):
-        jax.eval_shape(model.apply, variables, x)
-    return found
+    _, calls = _trace.linen_calls(lambda: jax.eval_shape(model.apply, variables, x))
+    return {c.path: c.module for c in calls if isinstance(c.module, L.BatchNorm)}
 
 
 def _fold_batch_norms(model, variables: dict, example_input) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from bnnjax import layers as L
+from bnnjax import _trace, layers as L
 from bnnjax import quantizers
 
 __all__ = ["summary", "LayerProfile"]
@@ -112,26 +112,6 @@ def _profile(name, module, own, in_shape, out_shape) -> LayerProfile:
                         non_trainable, memory, macs)
 
 
-def _trace(module: nn.Module, args, kwargs, rngs):
-    """Record (path, module, input shape, output shape) of every submodule ``__call__`` in order."""
-    calls = []
-
-    def interceptor(next_fun, a, kw, context):
-        out = next_fun(*a, **kw)
-        if context.method_name == "__call__":
-            shape_of = lambda v: tuple(v.shape) if hasattr(v, "shape") else ()
-            calls.append((tuple(context.module.path), context.module,
-                          shape_of(a[0]) if a else (), shape_of(out)))
-        return out
-
-    def init(*arrays):
-        with nn.intercept_methods(interceptor):
-            return module.init(rngs, *arrays, **kwargs)
-
-    variables = jax.eval_shape(init, *args)
-    return variables, calls
-
-
 def _fmt_shape(shape):
     return "(-1, " + ", ".join(str(s) for s in shape[1:]) + ")" if shape else "?"
 
@@ -179,15 +159,17 @@ def _linen_profiles(module: nn.Module, example_inputs, kwargs, rngs) -> list[Lay
     rngs = jax.random.key(0) if rngs is None else rngs
     if not isinstance(rngs, dict):
         rngs = {"params": rngs, "dropout": rngs, "quantizer": rngs}
-    variables, calls = _trace(module, example_inputs, kwargs, rngs)
+    variables, calls = _trace.linen_calls(
+        lambda: jax.eval_shape(lambda *a: module.init(rngs, *a, **kwargs), *example_inputs))
     variables = dict(variables)
     profiles, seen = [], set()
-    for path, mod, in_shape, out_shape in calls:
-        own = _own_vars(variables, path)
-        if path in seen or (not own and not isinstance(mod, _mac_layers())) or (path == () and not own):
+    for c in calls:
+        own = _own_vars(variables, c.path)
+        if c.path in seen or (not own and not isinstance(c.module, _mac_layers())) or (c.path == () and not own):
             continue
-        seen.add(path)
-        profiles.append(_profile("/".join(path) or type(mod).__name__, mod, own, in_shape, out_shape))
+        seen.add(c.path)
+        profiles.append(_profile("/".join(c.path) or type(c.module).__name__, c.module, own, c.input_shape,
+                                 c.output_shape))
     return profiles
 
 
@@ -209,10 +191,8 @@ def _nnx_own_vars(module: nnx.Module) -> dict:
 
 
 def _nnx_profiles(model: nnx.Module, example_inputs, kwargs) -> list[LayerProfile]:
-    from bnnjax.nnx._trace import trace_calls
-
     profiles, seen = [], set()
-    for call in trace_calls(model, *example_inputs, **kwargs):
+    for call in _trace.nnx_calls(model, *example_inputs, **kwargs):
         module = model
         for p in call.path:
             module = module[p] if isinstance(p, int) else getattr(module, p)

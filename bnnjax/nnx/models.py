@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 from flax import linen
 from flax import nnx
 from flax import traverse_util
@@ -113,32 +115,41 @@ class BiRealNet(nnx.Module):
         return self.head(self.pool(x))
 
 
-def load_linen_variables(model: nnx.Module, variables: dict, example_input) -> nnx.Module:
+def load_linen_variables(model: nnx.Module, linen_module: linen.Module, variables: dict, example_input) -> nnx.Module:
     """Set an NNX model's variables from a linen model's of the same architecture, layer by layer.
 
-    The NNX modules that hold variables, in the order ``model(example_input)`` calls them, take the
-    variables of the linen modules in creation order (kernels, biases, BatchNorm scales and statistics
-    by name); shapes and quantization tags are checked. Returns ``model`` (changed in place).
+    The NNX modules that hold variables and the linen modules that do, each in the order their model
+    calls them on ``example_input``, are paired; each NNX module takes its twin's variables by name
+    (kernels, biases, BatchNorm scales and statistics, constants), shapes and quantization tags checked.
+    Returns ``model`` (changed in place).
 
     Raises:
       ValueError: a different number of layers, or a name, shape or tag that differs (names both).
     """
-    from bnnjax.nnx._trace import trace_calls
+    from bnnjax import _trace
 
-    linen_layers = _linen_layers(variables)
+    x = jax.ShapeDtypeStruct(jnp.shape(example_input), jnp.result_type(example_input))
+    _, calls = _trace.linen_calls(lambda: jax.eval_shape(linen_module.apply, variables, x))
+    by_path = _linen_layers(variables)
+    linen_layers, seen = [], set()
+    for c in calls:
+        if c.path in by_path and c.path not in seen:
+            seen.add(c.path)
+            linen_layers.append((c.path, by_path[c.path]))
     nnx_layers, seen = [], set()
-    for call in trace_calls(model, example_input):
+    for call in _trace.nnx_calls(model, example_input):
         module = _at(model, call.path)
         if id(module) not in seen and any(isinstance(v, nnx.Variable) and not isinstance(v, nnx.RngState)
                                           for v in vars(module).values()):
             seen.add(id(module))
             nnx_layers.append((call.path, module))
     if len(linen_layers) != len(nnx_layers):
-        raise ValueError(f"the linen variables have {len(linen_layers)} layers, the NNX model {len(nnx_layers)}.")
+        raise ValueError(f"the linen model has {len(linen_layers)} layers with variables, the NNX model "
+                         f"{len(nnx_layers)}.")
     for (lpath, lvars), (npath, module) in zip(linen_layers, nnx_layers):
         for name, value in lvars.items():
             var = getattr(module, name, None)
-            where = f"linen {'/'.join(lpath)}/{name} -> NNX {'.'.join(map(str, npath))}.{name}"
+            where = f"linen {'/'.join(lpath) or '(top)'}/{name} -> NNX {'.'.join(map(str, npath)) or '(top)'}.{name}"
             if not isinstance(var, nnx.Variable):
                 raise ValueError(f"{where}: the NNX layer has no variable {name!r}.")
             boxed = hasattr(value, "unbox")
@@ -157,14 +168,10 @@ def _at(model, path):
     return model
 
 
-def _linen_layers(variables: dict) -> list[tuple[tuple, dict]]:
-    """``(module path, {name: leaf})`` of every linen module holding variables, in creation order."""
+def _linen_layers(variables: dict) -> dict[tuple, dict]:
+    """``{module path: {name: leaf}}`` of every linen module holding variables."""
     layers: dict[tuple, dict] = {}
-    for collection in ("params", "batch_stats", "constants"):
-        flat = traverse_util.flatten_dict(dict(variables.get(collection, {})),
-                                          is_leaf=lambda _, x: not isinstance(x, dict))
-        for path, leaf in flat.items():
+    for collection, tree in variables.items():
+        for path, leaf in traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, x: not isinstance(x, dict)).items():
             layers.setdefault(path[:-1], {})[path[-1]] = leaf
-    order = list(traverse_util.flatten_dict(dict(variables["params"]), is_leaf=lambda _, x: not isinstance(x, dict)))
-    rank = {p[:-1]: i for i, p in reversed(list(enumerate(order)))}
-    return sorted(layers.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+    return layers

@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from bnnjax import layers as L
+from bnnjax import _trace, layers as L
 from bnnjax._download import DataError
 
 __all__ = ["WeightsFileError", "read_weights", "record_layers", "assign"]
@@ -104,17 +104,12 @@ def record_layers(init: Callable[[], Any]) -> tuple[Any, list[tuple[tuple[str, .
     """Run ``init`` (a thunk calling ``model.init``; under ``jax.eval_shape`` for shapes only) and
     return its variables and ``(path, module)`` of every submodule that owns variables directly, in
     order of first call."""
+    variables, traced = _trace.linen_calls(init)
     seen, calls = set(), []
-
-    def interceptor(next_fun, args, kwargs, context):
-        path = tuple(context.module.path)
-        if context.method_name == "__call__" and path not in seen:
-            seen.add(path)
-            calls.append((path, context.module))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        variables = init()
+    for c in sorted(traced, key=lambda c: c.start):
+        if c.path not in seen:
+            seen.add(c.path)
+            calls.append((c.path, c.module))
     flat = traverse_util.flatten_dict(variables, is_leaf=lambda k, v: not isinstance(v, dict))
     owners = {key[1:-1] for key in flat}
     return variables, [(p, m) for p, m in calls if p in owners]
