@@ -65,7 +65,7 @@ def cli(config_cls, train_and_evaluate: Callable, argv=None, description: str | 
     """
     hints = typing.get_type_hints(config_cls)
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--workdir", default=None, help="log.jsonl, checkpoint.msgpack, result.json go here")
+    p.add_argument("--workdir", default=None, help="log.jsonl, checkpoints/, result.json go here")
     for f in dataclasses.fields(config_cls):
         name = "--" + f.name.replace("_", "-")
         if hints.get(f.name) is bool:

@@ -1,32 +1,30 @@
-"""Training engine: train state, compiled train/eval steps, ``fit`` with logs, checkpoints and resume.
+"""Training engine: train state, compiled steps, and one loop for in-memory arrays and for streams.
 
-``fit`` is Keras' ``fit`` for Flax models whose ``__call__`` takes a ``train`` keyword: it shuffles
-with a seeded per-epoch order, runs several optimizer steps per compiled call (``lax.scan``), shows a
-tqdm bar with loss and accuracy, evaluates, appends one JSON line per epoch to ``workdir/log.jsonl``
-and writes a msgpack checkpoint (no pickle). Re-running with the same ``workdir`` resumes after the
-last finished epoch and, on CPU, ends with parameters bit-identical to an uninterrupted run.
+``fit`` is Keras' ``fit`` for Flax models (linen modules whose ``__call__`` takes a ``train`` keyword, or
+NNX models, switched with ``model.train()`` / ``model.eval()``): it shuffles with a seeded per-epoch
+order, runs several optimizer steps per compiled call (``lax.scan``), shows a tqdm bar, evaluates,
+appends one JSON line per epoch to ``workdir/log.jsonl`` and checkpoints. ``fit_stream`` trains from an
+input stream (``bnnjax.pipeline.train_loader``) for data that does not fit in memory: step-based, with
+an optional on-device ``preprocess`` (e.g. ``pipeline.normalize`` of uint8 batches) and a JSON-lines
+row every few steps. Both are the same engine over two sources of batches: the same compiled steps, the
+same orbax checkpoints (``workdir/checkpoints/<step>/``: the train state, the source's position — the
+epoch and batch of the arrays, or the grain iterator's state, one file per process — and what the run
+is), the same exact resume: re-running with the same ``workdir`` continues at the latest checkpoint
+(mid-epoch too) and, on CPU, ends bit-identical to an uninterrupted run. A workdir of earlier bnnjax
+versions (``checkpoint.msgpack``) is converted on first use.
 
-``fit_stream`` trains from an input stream (``bnnjax.pipeline.train_loader``) for data that does not
-fit in memory: step-based, with the same compiled steps, an optional on-device ``preprocess`` (e.g.
-``pipeline.normalize`` of uint8 batches), evaluation and a JSON-lines row every few steps, and orbax
-checkpoints (``workdir/checkpoints/<step>/``: the sharded train state plus the input iterator's state,
-one JSON file per process) every ``checkpoint_every`` steps. Re-running with the same ``workdir``
-resumes at the last checkpoint in the middle of an epoch, continuing the exact sample order; on CPU
-it ends bit-identical to an uninterrupted run.
-
-Two checkpoint formats, on purpose: ``fit``'s single ``checkpoint.msgpack`` per workdir (small
-in-memory runs, replicated state, one file the experiments and their results already use) and
-``fit_stream``'s orbax directories (sharded state written by every host, the iterator state per
-process, old steps pruned). Each function rejects the other's workdir with a message saying so.
-
-Data parallelism: the batch axis is sharded over a ``jax.sharding.Mesh`` of all local devices (or the
-mesh you pass) and the state is replicated; XLA inserts the gradient and BatchNorm reductions, so one
-device and many run the same code. For several hosts, call ``jax.distributed.initialize()`` first on
-every host, build ``Mesh(jax.devices(), ("batch",))`` and feed each host's slice of the data.
+Data parallelism: the batch axis is sharded over a ``jax.sharding.Mesh`` of all devices (or the mesh
+you pass) and the state is replicated; XLA inserts the gradient and BatchNorm reductions, so one device
+and many run the same code. Several processes (hosts): call :func:`initialize_distributed` (or
+``jax.distributed.initialize()``) first in every process, then run the same ``fit``/``fit_stream`` call
+in each — every process holds the arrays (``fit``) or reads its own shard of the stream
+(``fit_stream``), the global batches are assembled across processes, every process writes its part
+of each checkpoint, and the log, progress bar and ``log_fn`` run on process 0 only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -39,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import nnx, serialization, struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -47,21 +45,28 @@ from bnnjax import optim
 from bnnjax.datasets import epoch_permutation
 
 __all__ = ["TrainState", "create_train_state", "softmax_cross_entropy", "squared_hinge", "LOSSES",
-           "make_train_step", "make_eval_step", "evaluate", "fit", "fit_stream", "save_checkpoint",
-           "restore_checkpoint", "restore_stream_checkpoint", "data_mesh", "current_learning_rate"]
+           "make_train_step", "make_eval_step", "evaluate", "fit", "fit_stream", "restore_checkpoint",
+           "data_mesh", "current_learning_rate", "initialize_distributed", "trained_model", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "bnnjax-train"
+CHECKPOINT_VERSION = 1
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus BatchNorm statistics, the model's other variable collections and the PRNG
-    key data (uint32) of dropout and stochastic quantizers.
+    """Flax's TrainState plus BatchNorm statistics, the model's other variables and the PRNG key data
+    (uint32) of dropout and stochastic quantizers.
 
-    ``extra_variables`` holds every collection besides ``params`` and ``batch_stats`` (e.g. the
-    ``"constants"`` of fixed blur-pool kernels): passed to the model as they are, never trained or
-    updated; ``{}`` for most models."""
+    For a linen model ``params``, ``batch_stats`` and ``extra_variables`` (every other collection, e.g.
+    the ``"constants"`` of fixed blur-pool kernels: passed to the model, never trained) are variable
+    dicts; for an NNX model they are ``nnx.State``s of its ``nnx.Param``s (tags kept), its
+    ``nnx.BatchStat``s and ``{"rest": everything else}``, and ``apply_fn`` merges them with the model's
+    graph. ``api`` says which (``"linen"`` or ``"nnx"``); ``model_name`` is the model's class name."""
 
     batch_stats: Any = None
     rng: jax.Array = None
     extra_variables: Any = struct.field(default_factory=dict)
+    api: str = struct.field(pytree_node=False, default="linen")
+    model_name: str = struct.field(pytree_node=False, default="")
 
 
 def softmax_cross_entropy(logits, labels):
@@ -89,32 +94,94 @@ def _loss(loss):
     return LOSSES[loss]
 
 
-def create_train_state(model, tx: optax.GradientTransformation, example_input, seed: int = 0,
+@dataclasses.dataclass(frozen=True)
+class _NNXApply:
+    """An NNX model's graph as a linen-style ``apply(variables, x, train, mutable, rngs)``: the engine's
+    compiled steps stay functional (one merge per trace, not per step)."""
+
+    graphdef: Any
+
+    def model(self, variables) -> nnx.Module:
+        # rebuilt leaf by leaf: variables made here belong to the current trace (a grad inside the jit), so
+        # the model may update its BatchNorm statistics and RNG counts
+        fresh = jax.tree.map(lambda a: a, (variables["params"], variables["batch_stats"], variables["rest"]))
+        return nnx.merge(self.graphdef, *fresh)
+
+    def __call__(self, variables, x, train: bool = False, mutable=False, rngs=None):
+        model = self.model(variables)
+        if rngs is not None:
+            # every RNG stream (dropout, stochastic quantizers) restarts from the step's key: like linen's
+            # rngs argument, a function of (seed, step), so a resumed run draws what the full run drew
+            key = rngs["quantizer"] if isinstance(rngs, dict) else rngs
+            streams = [s for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)]
+            for i, stream in enumerate(streams):
+                k = jax.random.fold_in(key, i)
+                stream.key.set_value(k)
+                stream.count.set_value(jnp.zeros((), jnp.uint32))
+        if train:
+            model.train()
+        else:
+            model.eval()
+        out = model(x)
+        if mutable:
+            return out, {"batch_stats": nnx.state(model, nnx.BatchStat)}
+        return out
+
+
+def _nnx_train_state(model: nnx.Module, tx, seed: int) -> TrainState:
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    return TrainState.create(apply_fn=_NNXApply(graphdef), params=params, tx=tx, batch_stats=stats,
+                             rng=jax.random.key_data(jax.random.split(jax.random.key(seed))[1]),
+                             extra_variables={"rest": rest}, api="nnx", model_name=type(model).__name__)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, example_input=None, seed: int = 0,
                        params=None, batch_stats=None, extra_variables=None) -> TrainState:
-    """Initialize the model (``model.init(..., train=False)``) and optimizer.
+    """Initialize the model (linen: ``model.init(..., train=False)``) and the optimizer.
 
     Args:
-      model: a Flax module whose ``__call__(x, train)`` returns logits.
+      model: a Flax linen module whose ``__call__(x, train)`` returns logits, or an NNX model (its current
+        variables are the initial ones; ``example_input`` is not needed).
       tx: the optax transform (chain ``bnnjax.weight_clip()`` for latent binary kernels).
-      example_input: one batch (or a ``ShapeDtypeStruct``) that fixes the input shape.
+      example_input: one batch (or a ``ShapeDtypeStruct``) that fixes a linen model's input shape.
       seed: PRNG seed for initialization and the training key.
-      params: initial parameters to use instead of the model's initializers (e.g. converted ones).
-      batch_stats: initial BatchNorm statistics to use likewise.
-      extra_variables: the other collections (e.g. ``{"constants": ...}``) to use likewise.
+      params: linen: initial parameters to use instead of the model's initializers (e.g. converted ones).
+      batch_stats: linen: initial BatchNorm statistics to use likewise.
+      extra_variables: linen: the other collections (e.g. ``{"constants": ...}``) to use likewise.
 
     Warns (once): binary kernels with neither ``weight_clip`` nor ``bop`` in ``tx``.
     """
-    init_key, train_key = jax.random.split(jax.random.key(seed))
-    variables = model.init({"params": init_key, "dropout": init_key, "quantizer": init_key},
-                           jnp.zeros(example_input.shape, example_input.dtype), train=False)
-    params = variables["params"] if params is None else params
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              batch_stats=variables.get("batch_stats", {}) if batch_stats is None else batch_stats,
-                              rng=jax.random.key_data(train_key),  # raw uint32: serializable
-                              extra_variables={k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
-                              if extra_variables is None else extra_variables)
+    if isinstance(model, nnx.Module):
+        state = _nnx_train_state(model, tx, seed)
+    else:
+        if example_input is None:
+            raise TypeError("a linen model needs example_input (one batch or its jax.ShapeDtypeStruct) to initialize.")
+        init_key, train_key = jax.random.split(jax.random.key(seed))
+        variables = model.init({"params": init_key, "dropout": init_key, "quantizer": init_key},
+                               jnp.zeros(example_input.shape, example_input.dtype), train=False)
+        params = variables["params"] if params is None else params
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                  batch_stats=variables.get("batch_stats", {}) if batch_stats is None else batch_stats,
+                                  rng=jax.random.key_data(train_key),  # raw uint32: serializable
+                                  extra_variables={k: v for k, v in variables.items()
+                                                   if k not in ("params", "batch_stats")}
+                                  if extra_variables is None else extra_variables,
+                                  model_name=type(model).__name__)
     optim.warn_if_unclipped(state.params, state.opt_state)
     return state
+
+
+def trained_model(state: TrainState, model: nnx.Module | None = None) -> nnx.Module:
+    """An NNX train state's model: ``model`` updated in place with the state's variables, or a new one."""
+    if state.api != "nnx":
+        raise TypeError("trained_model takes the state of an NNX model; a linen model's variables are "
+                        "{'params': state.params, 'batch_stats': state.batch_stats, **state.extra_variables}.")
+    variables = {"params": state.params, "batch_stats": state.batch_stats, **state.extra_variables}
+    variables = jax.device_get(variables)
+    if model is None:
+        return state.apply_fn.model(variables)
+    nnx.update(model, variables["params"], variables["batch_stats"], variables["rest"])
+    return model
 
 
 def _forward(state, params, x, train, rng):
@@ -203,22 +270,50 @@ def _int32_step(state):
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``"batch"`` over the given (default: all) devices."""
+    """A 1-D mesh named ``"batch"`` over the given (default: all, every process's) devices."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("batch",))
 
 
 def _place(mesh: Mesh, array, batch_axis: int):
-    """Shard ``array`` along ``batch_axis`` over the mesh when it divides evenly, else replicate it."""
+    """A global array of ``array`` (the same host array in every process) sharded along ``batch_axis``
+    over the mesh when it divides evenly, else replicated; each process copies only its devices' part."""
+    array = np.asarray(array)
     n = mesh.devices.size
     spec = [None] * array.ndim
     if n > 1 and array.shape[batch_axis] % n == 0:
         spec[batch_axis] = "batch"
-    return jax.device_put(array, NamedSharding(mesh, P(*spec)))
+    sharding = NamedSharding(mesh, P(*spec))
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _replicated(state, mesh: Mesh):
+    """``state`` copied onto every device of ``mesh``: a copy, since the compiled steps donate their input
+    state and the caller's (or an NNX model's own) arrays must survive the run."""
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(state, sharding, may_alias=False)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding,
+                                                               lambda i, a=np.asarray(a): a[i]), jax.device_get(state))
+
+
+def _as_state(state_or_model, tx, seed):
+    """``(state, model)``: a TrainState, or an NNX model and its new state (``tx`` needed)."""
+    if isinstance(state_or_model, nnx.Module):
+        if tx is None:
+            raise TypeError("training an NNX model directly needs its optimizer: pass tx=optax...; or pass a "
+                            "train.create_train_state(model, tx) state.")
+        return create_train_state(state_or_model, tx, seed=seed), state_or_model
+    if tx is not None:
+        raise TypeError("tx is for an NNX model; a TrainState carries its own optimizer.")
+    return state_or_model, None
 
 
 def evaluate(state, x, y, batch_size: int = 1000, loss="cross_entropy", mesh: Mesh | None = None,
              _eval_step=None) -> dict:
-    """Loss and accuracy over a whole split; the last partial batch is included."""
+    """Loss and accuracy over a whole split (a TrainState, or an NNX model); the last partial batch is
+    included."""
+    if isinstance(state, nnx.Module):
+        state = _nnx_train_state(state, optax.identity(), 0)
     mesh = mesh or data_mesh()
     eval_step = _eval_step or _compiled(loss)[1]
     tot = {"loss": 0.0, "correct": 0, "count": 0}
@@ -237,173 +332,96 @@ def current_learning_rate(state) -> float | None:
     return float(found[0]) if found else None
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, timeout_seconds: int = 120) -> None:
+    """Join a multi-process run (``jax.distributed.initialize``) with CPU collectives over gloo.
 
-_CKPT = "checkpoint.msgpack"
-
-
-def save_checkpoint(workdir: str | os.PathLike, state: TrainState, epoch: int) -> Path:
-    """Write ``{state, epoch}`` to ``workdir/checkpoint.msgpack`` atomically (msgpack, no pickle)."""
-    path = Path(workdir) / _CKPT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = serialization.msgpack_serialize({"epoch": epoch, "state": serialization.to_state_dict(jax.device_get(state))})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)  # a run killed mid-write leaves the previous checkpoint intact
-    return path
-
-
-def restore_checkpoint(workdir: str | os.PathLike, template: TrainState) -> tuple[TrainState, int] | None:
-    """Restore ``(state, epoch)`` from ``workdir`` into the structure of ``template``; None if absent.
-
-    Raises:
-      ValueError: the file exists but is corrupt or does not fit the model (names the file).
+    With no arguments JAX detects the cluster (SLURM, Open MPI, Kubernetes, TPU pods); on a machine of
+    your own give ``coordinator_address="host:port"`` (process 0's), ``num_processes`` and
+    ``process_id``. Call it before anything else touches JAX. A process that dies is noticed by the
+    others within about ``timeout_seconds`` (missed heartbeats), which then stop with an error naming
+    it instead of waiting forever in a collective.
     """
-    path = Path(workdir) / _CKPT
-    if not path.exists():
-        return None
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
     try:
-        raw = serialization.msgpack_restore(path.read_bytes())
-        # checkpoints written before TrainState had extra_variables: the model's own (usually {}) apply
-        raw["state"].setdefault("extra_variables", serialization.to_state_dict(template.extra_variables))
-        state = serialization.from_state_dict(template, raw["state"])
-        return state, int(raw["epoch"])
-    except Exception as e:
-        raise ValueError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {e}); it is corrupt or "
-                         "from a different model — delete it or use another workdir.") from e
+        import inspect
+
+        params = inspect.signature(jax.distributed.initialize).parameters
+        if "heartbeat_timeout_seconds" in params:
+            kwargs["heartbeat_timeout_seconds"] = timeout_seconds
+        if "initialization_timeout" in params:
+            kwargs["initialization_timeout"] = timeout_seconds
+    except (TypeError, ValueError):
+        pass
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 
 
-def _read_log(path: Path, upto_epoch: int, key: str = "epoch") -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is redone
-        if row.get(key, 0) <= upto_epoch:
-            rows.append(row)
-    return rows
+# --- the sources of batches -------------------------------------------------------------------------
+
+class _Arrays:
+    """In-memory ``(x, y)``: epoch ``e`` visits ``epoch_permutation(n, seed, e)`` in batches of
+    ``batch_size``, the last partial batch included. Every process holds the arrays; each copies only
+    its devices' rows of a global batch."""
+
+    kind = "arrays"
+
+    def __init__(self, x, y, batch_size: int, seed: int):
+        if len(x) != len(y):
+            raise ValueError(f"train_data has {len(x)} inputs but {len(y)} labels.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.full = len(x) // batch_size
+        self.per_epoch = self.full + (1 if len(x) % batch_size else 0)
+        self._order = (None, None)
+
+    def order(self, epoch: int):
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_permutation(len(self.x), self.seed, epoch))
+        return self._order[1]
+
+    def run(self, step: int) -> int:
+        """How many batches from ``step`` on have the same shape (the chunk may not cross the partial one)."""
+        b = step % self.per_epoch
+        return self.full - b if b < self.full else 1
+
+    def chunk(self, step: int, k: int):
+        epoch, b = divmod(step, self.per_epoch)
+        order, bs = self.order(epoch), self.batch_size
+        idx = order[b * bs:(b + k) * bs] if b < self.full else order[self.full * bs:]
+        return self.x[idx].reshape((k, -1) + self.x.shape[1:]), self.y[idx].reshape(k, -1)
+
+    def to_global(self, xs, ys, mesh):
+        return _place(mesh, xs, 1), _place(mesh, ys, 1)
 
 
-# --- fit ------------------------------------------------------------------------------------------
+class _Stream:
+    """An iterator of this process's batches ``{"image", "label"}`` (``pipeline.train_loader``)."""
 
-def fit(state: TrainState, train_data, test_data=None, *, epochs: int, batch_size: int, seed: int = 0,
-        loss="cross_entropy", workdir: str | os.PathLike | None = None, resume: bool = True,
-        eval_batch_size: int = 1000, steps_per_call: int = 50, progress: bool = True,
-        mesh: Mesh | None = None, log_fn: Callable[[dict], Any] | None = None,
-        stop_after_epoch: int | None = None) -> tuple[TrainState, list[dict]]:
-    """Train for ``epochs`` epochs with per-epoch evaluation, logging and checkpoints.
+    kind = "stream"
 
-    Args:
-      state: from :func:`create_train_state`.
-      train_data: ``(x, y)`` numpy arrays (preprocessed float inputs, int labels).
-      test_data: ``(x, y)`` evaluated after each epoch, or None.
-      epochs: total number of epochs (a resumed run continues up to this number).
-      batch_size: training batch size; the last partial batch of an epoch is trained on too.
-      seed: shuffling seed; the order of epoch ``e`` is ``epoch_permutation(n, seed, e)``.
-      loss: ``"cross_entropy"``, ``"squared_hinge"`` or ``f(logits, labels)``.
-      workdir: where ``log.jsonl`` and ``checkpoint.msgpack`` go; None keeps nothing on disk.
-      resume: continue from ``workdir``'s checkpoint when there is one.
-      eval_batch_size: evaluation batch size.
-      steps_per_call: optimizer steps fused into one compiled call (``lax.scan``).
-      progress: show a tqdm progress bar.
-      mesh: device mesh for data parallelism (default: all local devices).
-      log_fn: called with each epoch's log row.
-      stop_after_epoch: return after this epoch (simulates a killed run in tests).
+    def __init__(self, iterator, steps: int):
+        self.iterator, self.steps = iterator, steps
 
-    Returns:
-      ``(state, history)``: the final state and the list of epoch log rows.
-    """
-    from tqdm.auto import tqdm
+    def run(self, step: int) -> int:
+        return self.steps
 
-    x, y = train_data
-    if len(x) != len(y):
-        raise ValueError(f"train_data has {len(x)} inputs but {len(y)} labels.")
-    mesh = mesh or data_mesh()
-    if workdir is not None and resume and (Path(workdir) / _STREAM_DIR).is_dir():
-        raise ValueError(f"{Path(workdir) / _STREAM_DIR} holds fit_stream's (orbax) checkpoints; fit keeps its own in "
-                         f"{_CKPT}. Resume that run with fit_stream, or give fit another workdir.")
-    state = jax.device_put(_int32_step(state), NamedSharding(mesh, P()))
-    run_chunk, eval_step = _compiled(loss)
-    history, start = [], 0
-    log_path = Path(workdir) / "log.jsonl" if workdir is not None else None
-    if workdir is not None and resume:
-        restored = restore_checkpoint(workdir, jax.device_get(state))
-        if restored is not None:
-            state, start = restored
-            state = jax.device_put(_int32_step(state), NamedSharding(mesh, P()))
-            history = _read_log(log_path, start)
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    def chunk(self, step: int, k: int):
+        batches = []
+        for _ in range(k):
+            try:
+                batches.append(next(self.iterator))
+            except StopIteration:
+                raise RuntimeError(f"train_iter ended after {step + len(batches)} steps of {self.steps}; "
+                                   "fit_stream needs an endless stream (pipeline.train_loader).") from None
+        return np.stack([np.asarray(b["image"]) for b in batches]), np.stack([np.asarray(b["label"]) for b in batches])
 
-    n = len(x)
-    full = n // batch_size
-    for epoch in range(start, epochs):
-        order = epoch_permutation(n, seed, epoch)
-        params_before = jax.tree.map(jnp.copy, state.params)  # the chunk call donates state.params
-        tot = {"loss": 0.0, "correct": 0, "count": 0}
-        bar = tqdm(total=math.ceil(n / batch_size), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False)
-        t0 = time.perf_counter()
-        chunks = [(i, min(i + steps_per_call, full)) for i in range(0, full, steps_per_call)]
-        if n % batch_size:
-            chunks.append((full, full + 1))
-        pending = None  # metrics of the chunk in flight: read after the next one is dispatched
+    def to_global(self, xs, ys, mesh):
+        from bnnjax import pipeline
 
-        def account(m, k):
-            for key in tot:
-                tot[key] += float(m[key]) if key == "loss" else int(m[key])
-            bar.update(k)
-            bar.set_postfix(loss=f"{tot['loss'] / tot['count']:.4f}", acc=f"{tot['correct'] / tot['count']:.4f}")
-
-        for a, b in chunks:
-            idx = order[a * batch_size: b * batch_size]
-            k = b - a
-            xs = x[idx].reshape((k, -1) + x.shape[1:])
-            ys = y[idx].reshape(k, -1)
-            state, m = run_chunk(state, _place(mesh, xs, 1), _place(mesh, ys, 1))
-            if pending is not None:
-                account(*pending)
-            pending = (m, k)
-        account(*pending)
-        jax.block_until_ready(state)
-        seconds = time.perf_counter() - t0
-        bar.close()
-        row = {"epoch": epoch + 1, "train_loss": tot["loss"] / tot["count"],
-               "train_accuracy": tot["correct"] / tot["count"], "epoch_seconds": seconds,
-               "images_per_second": n / seconds, "flip_ratio": float(optim.flip_ratio(params_before, state.params)),
-               "learning_rate": current_learning_rate(state), "step": int(state.step)}
-        if test_data is not None:
-            ev = evaluate(state, *test_data, batch_size=eval_batch_size, mesh=mesh, _eval_step=eval_step)
-            row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-        history.append(row)
-        if workdir is not None:
-            # log first: a kill between the two leaves a row past the checkpoint, dropped on resume
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(workdir, state, epoch + 1)
-        if log_fn is not None:
-            log_fn(row)
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            break
-    return state, history
-
-
-# --- fit_stream -----------------------------------------------------------------------------------
-
-_STREAM_DIR = "checkpoints"
-
-
-def _stream_manager(workdir, keep: int | None):
-    import orbax.checkpoint as ocp  # loaded for the streaming path only (slow import)
-
-    # synchronous saves: the next chunk donates the state's buffers, so nothing may still read them
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(workdir).absolute() / _STREAM_DIR, options=options,
-                                 item_names=("state", "data"))
+        return pipeline.global_batch((xs, ys), mesh, batch_axis=1)
 
 
 def _is_grain_iterator(it) -> bool:
@@ -412,34 +430,115 @@ def _is_grain_iterator(it) -> bool:
     return isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator))
 
 
-def _restore_stream(manager, step: int, state: TrainState, train_iter, mesh: Mesh) -> TrainState:
-    import grain
+# --- checkpoints ----------------------------------------------------------------------------------
+
+_CKPT_DIR = "checkpoints"
+_OLD_CKPT = "checkpoint.msgpack"  # bnnjax 0.1's per-epoch fit checkpoint
+
+
+def _manager(workdir, keep: int | None):
+    import orbax.checkpoint as ocp  # slow import: only when checkpoints are written
+
+    # synchronous saves: the next chunk donates the state's buffers, so nothing may still read them
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(workdir).absolute() / _CKPT_DIR, options=options,
+                                 item_names=("state", "data", "meta"))
+
+
+def _tree(state: TrainState):
+    """The state as orbax saves it: nested dicts of arrays (an NNX ``State`` as its pure dict)."""
+    is_state = lambda v: isinstance(v, nnx.State)
+    return jax.tree.map(lambda v: nnx.to_pure_dict(v) if is_state(v) else v, serialization.to_state_dict(state),
+                        is_leaf=is_state)
+
+
+def _untree(template: TrainState, tree) -> TrainState:
+    def merge(t, r):
+        if isinstance(t, nnx.State):
+            out = jax.tree.map(lambda v: v, t)  # a copy of the template's structure and metadata
+            nnx.replace_by_pure_dict(out, r)
+            return out
+        if isinstance(t, dict):
+            return {k: merge(v, r[k]) for k, v in t.items()}
+        return r
+
+    return serialization.from_state_dict(template, merge(serialization.to_state_dict(template), tree))
+
+
+def _meta(state: TrainState, source, row: dict) -> dict:
+    """What a checkpoint says of itself: the format, the kind of model and source, and the log row in
+    progress (its totals and seconds so far), so a resumed run's next row is the uninterrupted run's."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "api": state.api,
+            "model": state.model_name, "source": source.kind, "row": row}
+
+
+def _check_meta(meta: dict, state: TrainState, source_kind: str, path) -> None:
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a bnnjax training checkpoint; delete it or use another workdir.")
+    if int(meta.get("version", 0)) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {meta['version']} is newer than this bnnjax's "
+                         f"({CHECKPOINT_VERSION}); upgrade bnnjax.")
+    if meta.get("source") != source_kind:
+        names = {"arrays": "fit (in-memory arrays)", "stream": "fit_stream (an input stream)"}
+        raise ValueError(f"{path}: this checkpoint is of a {names.get(meta.get('source'))} run; this run is "
+                         f"{names[source_kind]}, whose input position it does not hold. Resume it with the same "
+                         "function, or use another workdir.")
+    if meta.get("api") != state.api:
+        kinds = {"linen": "a Flax linen", "nnx": "a Flax NNX"}
+        raise ValueError(f"{path}: this checkpoint is of {kinds.get(meta.get('api'), meta.get('api'))} model "
+                         f"({meta.get('model') or 'unnamed'}), and the model being trained is "
+                         f"{kinds[state.api]} model ({state.model_name}): their variables are laid out "
+                         "differently. Resume it with the same kind of model, or use another workdir.")
+
+
+def _read_meta(manager, step: int) -> dict:
     import orbax.checkpoint as ocp
 
-    state = jax.device_put(_int32_step(state), NamedSharding(mesh, P()))
-    target = serialization.to_state_dict(state)
+    path = Path(manager.directory) / str(step)
+    if not (path / "meta").exists() and (path / "state").exists():
+        # bnnjax 0.1's fit_stream checkpoints: a linen model, a stream, no row in progress
+        return {"format": CHECKPOINT_FORMAT, "version": 0, "api": "linen", "source": "stream", "row": _row_start(step)}
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:300]}); it is corrupt or "
+                         "not a bnnjax checkpoint — delete it (or the workdir) or use another workdir.") from e
+
+
+def _restore(manager, step: int, state: TrainState, source_kind: str, mesh: Mesh, data_iterator=None):
+    """``(state, meta)`` of checkpoint ``step``, the state placed replicated on ``mesh`` (and
+    ``data_iterator`` set to the saved position)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(manager.directory) / str(step)
+    meta = _read_meta(manager, step)
+    _check_meta(meta, state, source_kind, path)
+    state = _replicated(_int32_step(state), mesh)
+    target = _tree(state)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
     items = {"state": ocp.args.StandardRestore(abstract)}
-    if train_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
-    path = Path(manager.directory) / str(step)
+    if data_iterator is not None:
+        import grain
+
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
-        return serialization.from_state_dict(state, restored["state"])
+        return _untree(state, restored["state"]), meta
     except Exception as e:
         raise ValueError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {str(e)[:500]}); it is corrupt, "
                          "from a different model or optimizer, or from an input pipeline built with other "
                          "arguments — delete it (or the workdir) or use another workdir.") from e
 
 
-def restore_stream_checkpoint(workdir: str | os.PathLike, state: TrainState, train_iter=None, *,
-                              step: int | None = None, mesh: Mesh | None = None) -> tuple[TrainState, int] | None:
-    """Restore a :func:`fit_stream` checkpoint of ``workdir`` into the structure of ``state``.
+def restore_checkpoint(workdir: str | os.PathLike, state: TrainState, train_iter=None, *, step: int | None = None,
+                       mesh: Mesh | None = None) -> tuple[TrainState, int] | None:
+    """Restore a ``fit`` / ``fit_stream`` checkpoint of ``workdir`` into the structure of ``state``.
 
     Args:
-      workdir: the ``fit_stream`` workdir (holding ``checkpoints/``).
+      workdir: the run's workdir (holding ``checkpoints/``).
       state: a template state of the same model and optimizer (e.g. from :func:`create_train_state`).
-      train_iter: when given, a grain iterator built like the run's; it is set to the saved position.
+      train_iter: for a ``fit_stream`` run, a grain iterator built like the run's: it is set to the
+        saved position.
       step: which checkpoint (default: the latest).
       mesh: where the restored state is placed, replicated (default: all devices).
 
@@ -447,41 +546,289 @@ def restore_stream_checkpoint(workdir: str | os.PathLike, state: TrainState, tra
       ``(state, step)``, or None when ``workdir`` has no checkpoint.
 
     Raises:
-      ValueError: the checkpoint cannot be restored into ``state`` (names it and what to do).
+      ValueError: the checkpoint cannot be restored into ``state``: corrupt, another model or optimizer,
+        a linen checkpoint for an NNX model or the reverse (the message names it and what to do).
     """
-    if not (Path(workdir) / _STREAM_DIR).is_dir():
+    if not (Path(workdir) / _CKPT_DIR).is_dir():
         return None
-    manager = _stream_manager(workdir, None)
+    manager = _manager(workdir, None)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             return None
-        return _restore_stream(manager, step, state, train_iter, mesh or data_mesh()), int(step)
+        kind = _read_meta(manager, step).get("source")
+        state, _ = _restore(manager, step, state, kind, mesh or data_mesh(), train_iter)
+        return state, int(step)
     finally:
         manager.close()
 
 
-def _boundaries(start: int, steps: int, every: list[int | None], extra: list[int | None]) -> list[int]:
-    marks = {steps}
+def _convert_old_checkpoint(workdir: Path, state: TrainState, source: _Arrays, manager) -> None:
+    """Rewrite bnnjax 0.1's ``checkpoint.msgpack`` (``{"epoch", "state"}``) as the checkpoint of the
+    first step of the next epoch."""
+    import orbax.checkpoint as ocp
+
+    path = workdir / _OLD_CKPT
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+        # checkpoints written before TrainState had extra_variables: the model's own (usually {}) apply
+        raw["state"].setdefault("extra_variables", serialization.to_state_dict(state.extra_variables))
+        host = jax.device_get(state)
+        restored = serialization.from_state_dict(host, raw["state"])
+        epoch = int(raw["epoch"])
+    except Exception as e:
+        raise ValueError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {e}); it is corrupt or "
+                         "from a different model — delete it or use another workdir.") from e
+    step = epoch * source.per_epoch
+    restored = restored.replace(step=jnp.asarray(step, jnp.int32))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_tree(restored)),
+                                               meta=ocp.args.JsonSave(_meta(state, source, _row_start(step)))),
+                 force=True)
+    manager.wait_until_finished()
+
+
+def _row_start(step: int) -> dict:
+    return {"step": step, "totals": {"loss": 0.0, "correct": 0, "count": 0}, "seconds": 0.0}
+
+
+def _read_log(path: Path, upto_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is redone
+        if row.get("step", 0) <= upto_step:
+            rows.append(row)
+    return rows
+
+
+def _check_positive(**values):
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+def _multiples(start: int, end: int, *every: int | None) -> set[int]:
+    out = set()
     for n in every:
         if n:
-            marks.update(range((start // n + 1) * n, steps, n))
-    marks.update(e for e in extra if e is not None and start < e < steps)
-    return sorted(m for m in marks if m > start)
+            out.update(range((start // n + 1) * n, end, n))
+    return out
 
 
-def fit_stream(state: TrainState, train_iter, *, steps: int, loss="cross_entropy",
-               preprocess: Callable | None = None, eval_data=None, eval_every: int | None = None,
-               checkpoint_every: int | None = None, log_every: int | None = 100,
-               workdir: str | os.PathLike | None = None, resume: bool = True, keep_checkpoints: int | None = 3,
-               steps_per_call: int = 1, progress: bool = True, mesh: Mesh | None = None,
-               log_fn: Callable[[dict], Any] | None = None,
-               stop_after_step: int | None = None) -> tuple[TrainState, list[dict]]:
+@dataclasses.dataclass
+class _Plan:
+    """When a run writes log rows, evaluates and checkpoints (in optimizer steps), and what a row says."""
+
+    steps: int
+    row_every: tuple[int | None, ...]  # a row at every multiple of each (and at the last step)
+    eval_every: int | None
+    checkpoint_every: tuple[int | None, ...]
+    stop_after: int | None
+    row: Callable[[int, dict, float], dict]  # (step, totals, seconds) -> the row's own fields
+    evaluate: Callable[[TrainState], dict] | None
+
+    def marks(self, start: int) -> list[int]:
+        marks = {self.steps} | _multiples(start, self.steps, *self.row_every, *self.checkpoint_every)
+        if self.stop_after is not None and start < self.stop_after < self.steps:
+            marks.add(self.stop_after)
+        return sorted(m for m in marks if m > start)
+
+    def _at(self, step: int, every) -> bool:
+        return step == self.steps or any(n and step % n == 0 for n in every)
+
+    def row_at(self, step: int) -> bool:
+        return self._at(step, self.row_every)
+
+    def eval_at(self, step: int) -> bool:
+        return self.evaluate is not None and self._at(step, (self.eval_every,))
+
+    def checkpoint_at(self, step: int) -> bool:
+        return self._at(step, self.checkpoint_every)
+
+
+def _run(state: TrainState, source, plan: _Plan, *, loss, preprocess, steps_per_call: int, workdir, resume: bool,
+         keep_checkpoints: int | None, progress: bool, mesh: Mesh | None, log_fn, desc: str):
+    from tqdm.auto import tqdm
+
+    mesh = mesh or data_mesh()
+    lead = jax.process_index() == 0  # the log file, the bar and log_fn live on process 0
+    run_chunk, _ = _compiled(loss, preprocess)
+    state = _replicated(_int32_step(state), mesh)
+    history, start, manager, log_path, row_state = [], 0, None, None, _row_start(0)
+    grain_iterator = source.iterator if isinstance(source, _Stream) and workdir is not None else None
+    if workdir is not None:
+        workdir = Path(workdir)
+        if grain_iterator is not None and not _is_grain_iterator(grain_iterator):
+            raise TypeError(f"fit_stream checkpoints the input iterator's position, which needs a grain iterator "
+                            f"(pipeline.train_loader); got {type(grain_iterator).__name__}. Pass such an iterator, "
+                            "or workdir=None.")
+        log_path = workdir / "log.jsonl"
+        manager = _manager(workdir, keep_checkpoints)
+        old = workdir / _OLD_CKPT
+        if resume and old.exists() and manager.latest_step() is None:
+            if not isinstance(source, _Arrays):
+                raise ValueError(f"{old} is an in-memory fit checkpoint (per epoch, without an input pipeline "
+                                 "position) of an earlier bnnjax; fit_stream cannot resume from it. Delete it, or "
+                                 "give fit_stream another workdir.")
+            _convert_old_checkpoint(workdir, state, source, manager)
+        latest = manager.latest_step() if resume else None
+        if latest is not None:
+            state, meta = _restore(manager, latest, state, source.kind, mesh, grain_iterator)
+            start, row_state = int(latest), meta["row"]
+            history = _read_log(log_path, start)
+        if lead:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    if start > plan.steps:
+        raise ValueError(f"the checkpoint in {workdir} is at step {start}, past this run's {plan.steps} steps; "
+                         "ask for more epochs or steps, or use another workdir.")
+
+    bar = tqdm(total=plan.steps, initial=start, desc=desc, disable=not (progress and lead), leave=False)
+    step, tot, seconds = start, dict(row_state["totals"]), float(row_state["seconds"])
+    params_before = jax.tree.map(jnp.copy, state.params)  # the chunk call donates state.params
+
+    def account(m):
+        for key in tot:
+            tot[key] += float(m[key]) if key == "loss" else int(m[key])
+
+    try:
+        for mark in plan.marks(start):
+            pending, t0 = None, time.perf_counter()  # the metrics of the chunk in flight are read after the next
+            while step < mark:
+                k = min(steps_per_call, mark - step, source.run(step))
+                xs, ys = source.to_global(*source.chunk(step, k), mesh)
+                state, m = run_chunk(state, xs, ys)
+                if pending is not None:
+                    account(pending)  # waits for the previous chunk: at most two in flight, with their batches
+                pending = m
+                step += k
+                bar.update(k)
+            account(pending)
+            jax.block_until_ready(state)
+            seconds += time.perf_counter() - t0
+            bar.set_postfix(loss=f"{tot['loss'] / tot['count']:.4f}", acc=f"{tot['correct'] / tot['count']:.4f}")
+            if plan.row_at(step):
+                row = {**plan.row(step, tot, seconds), "flip_ratio": float(optim.flip_ratio(params_before, state.params)),
+                       "learning_rate": current_learning_rate(state), "step": step}
+                if plan.eval_at(step):
+                    row.update({f"test_{k}": v for k, v in plan.evaluate(state).items()})
+                history.append(row)
+                if log_path is not None and lead:
+                    with open(log_path, "a") as f:  # before the checkpoint: a later row is dropped on resume
+                        f.write(json.dumps(row) + "\n")
+                if log_fn is not None and lead:
+                    log_fn(row)
+                tot, seconds = {"loss": 0.0, "correct": 0, "count": 0}, 0.0
+                params_before = jax.tree.map(jnp.copy, state.params)
+            if manager is not None and plan.checkpoint_at(step):
+                _save(manager, step, state, source, {"step": step, "totals": tot, "seconds": seconds}, grain_iterator)
+            if plan.stop_after is not None and step >= plan.stop_after:
+                break
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return state, history
+
+
+def _save(manager, step, state, source, row_state, grain_iterator):
+    import orbax.checkpoint as ocp
+
+    items = {"state": ocp.args.StandardSave(_tree(state)), "meta": ocp.args.JsonSave(_meta(state, source, row_state))}
+    if grain_iterator is not None:
+        import grain
+
+        items["data"] = grain.checkpoint.CheckpointSave(grain_iterator)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _finish(model, state: TrainState, history):
+    return (state, history) if model is None else (trained_model(state, model), history)
+
+
+def fit(state, train_data, test_data=None, *, epochs: int, batch_size: int, seed: int = 0, loss="cross_entropy",
+        workdir: str | os.PathLike | None = None, resume: bool = True, eval_batch_size: int = 1000,
+        steps_per_call: int = 50, checkpoint_every: int | None = None, keep_checkpoints: int | None = 2,
+        progress: bool = True, mesh: Mesh | None = None, log_fn: Callable[[dict], Any] | None = None,
+        stop_after_epoch: int | None = None, stop_after_step: int | None = None, tx=None):
+    """Train for ``epochs`` epochs over in-memory arrays with per-epoch evaluation, logs and checkpoints.
+
+    Epoch ``e`` visits ``epoch_permutation(n, seed, e)`` in batches of ``batch_size`` (the last partial
+    batch trained on too). Each epoch appends a JSON line to ``workdir/log.jsonl`` (``epoch``, ``step``,
+    ``train_loss``, ``train_accuracy``, ``epoch_seconds``, ``images_per_second``, ``flip_ratio``,
+    ``learning_rate``, and ``test_loss`` / ``test_accuracy`` with ``test_data``) and writes a checkpoint,
+    also every ``checkpoint_every`` steps within an epoch if given. Re-running with the same ``workdir``
+    resumes at the latest checkpoint; an earlier bnnjax's ``checkpoint.msgpack`` is converted.
+
+    Args:
+      state: from :func:`create_train_state`, or an NNX model (then pass ``tx``: the model is trained in
+        place and returned).
+      train_data: ``(x, y)`` numpy arrays (preprocessed float inputs, int labels); in a multi-process
+        run every process passes the same arrays.
+      test_data: ``(x, y)`` evaluated after each epoch, or None.
+      epochs: total number of epochs (a resumed run continues up to this number).
+      batch_size: the global batch size (over all devices and processes).
+      seed: shuffling seed.
+      loss: ``"cross_entropy"``, ``"squared_hinge"`` or ``f(logits, labels)``.
+      workdir: where ``log.jsonl`` and ``checkpoints/`` go; None keeps nothing on disk.
+      resume: continue from ``workdir``'s latest checkpoint when there is one.
+      eval_batch_size: evaluation batch size.
+      steps_per_call: optimizer steps fused into one compiled call (``lax.scan``).
+      checkpoint_every: also checkpoint every this many steps within an epoch.
+      keep_checkpoints: how many checkpoints to keep (None: all).
+      progress: show a tqdm progress bar (process 0).
+      mesh: device mesh for data parallelism (default: all devices of all processes).
+      log_fn: called with each epoch's log row (process 0).
+      stop_after_epoch, stop_after_step: return after this epoch or step, what is due there done (as if
+        the run were killed right after: tests of resuming).
+      tx: the optimizer, when ``state`` is an NNX model.
+
+    Returns:
+      ``(state, history)`` — ``(model, history)`` for an NNX model — with the log rows of this run and of
+      the runs it resumed.
+
+    Raises:
+      ValueError: mismatched arrays, or a checkpoint that does not fit (corrupt, another model or
+        optimizer, a linen checkpoint for an NNX model or the reverse, a ``fit_stream`` checkpoint).
+    """
+    state, model = _as_state(state, tx, seed)
+    _check_positive(epochs=epochs, steps_per_call=steps_per_call, checkpoint_every=checkpoint_every)
+    source = _Arrays(*train_data, batch_size, seed)
+    per_epoch = source.per_epoch
+    eval_step = _compiled(loss)[1]
+
+    def row(step, tot, seconds):
+        return {"epoch": step // per_epoch, "train_loss": tot["loss"] / tot["count"],
+                "train_accuracy": tot["correct"] / tot["count"], "epoch_seconds": seconds,
+                "images_per_second": tot["count"] / seconds}
+
+    ev = None if test_data is None else (
+        lambda st: evaluate(st, *test_data, batch_size=eval_batch_size, mesh=mesh, _eval_step=eval_step))
+    stop = stop_after_epoch * per_epoch if stop_after_epoch is not None else stop_after_step
+    plan = _Plan(epochs * per_epoch, (per_epoch,), per_epoch, (per_epoch, checkpoint_every), stop, row, ev)
+    return _finish(model, *_run(state, source, plan, loss=loss, preprocess=None, steps_per_call=steps_per_call,
+                                      workdir=workdir, resume=resume, keep_checkpoints=keep_checkpoints,
+                                      progress=progress, mesh=mesh, log_fn=log_fn, desc=f"{epochs} epochs"))
+
+
+def fit_stream(state, train_iter, *, steps: int, loss="cross_entropy", preprocess: Callable | None = None,
+               eval_data=None, eval_every: int | None = None, checkpoint_every: int | None = None,
+               log_every: int | None = 100, workdir: str | os.PathLike | None = None, resume: bool = True,
+               keep_checkpoints: int | None = 3, steps_per_call: int = 1, progress: bool = True,
+               mesh: Mesh | None = None, log_fn: Callable[[dict], Any] | None = None,
+               stop_after_step: int | None = None, tx=None):
     """Train for ``steps`` optimizer steps from a stream of batches, with evaluation, logs and checkpoints.
 
-    Each step takes the next batch ``{"image", "label"}`` of this host from ``train_iter``; the global
-    batch is assembled over ``mesh`` with ``pipeline.global_batch`` (every host runs this same call
-    with its own iterator). The compiled steps are ``fit``'s (``make_train_step`` under ``lax.scan``).
+    Each step takes the next batch ``{"image", "label"}`` of this process from ``train_iter``; the
+    global batch is assembled over ``mesh`` with ``pipeline.global_batch`` (every process runs this
+    same call with its own iterator). The engine is :func:`fit`'s.
 
     A JSON line goes to ``workdir/log.jsonl`` at every multiple of ``log_every``, ``eval_every`` and
     ``checkpoint_every`` and at the last step: ``step``, ``train_loss`` / ``train_accuracy`` (over the
@@ -491,12 +838,12 @@ def fit_stream(state: TrainState, train_iter, *, steps: int, loss="cross_entropy
     written every ``checkpoint_every`` steps and at the last step; the newest ``keep_checkpoints``
     are kept. Re-running with the same ``workdir`` and a fresh ``train_iter`` built with the same
     arguments resumes at the latest checkpoint: the iterator continues at the exact next sample, and on
-    CPU the run ends bit-identical to an uninterrupted one (rows after the checkpoint are redone).
+    CPU the run ends bit-identical to an uninterrupted one.
 
     Args:
-      state: from :func:`create_train_state`.
-      train_iter: an endless grain iterator of host batches (``pipeline.train_loader``); any iterator
-        of ``{"image", "label"}`` batches works when ``workdir`` is None.
+      state: from :func:`create_train_state`, or an NNX model (then pass ``tx``).
+      train_iter: an endless grain iterator of this process's batches (``pipeline.train_loader``); any
+        iterator of ``{"image", "label"}`` batches works when ``workdir`` is None.
       steps: total optimizer steps (a resumed run continues up to this number).
       loss: ``"cross_entropy"``, ``"squared_hinge"`` or ``f(logits, labels)``.
       preprocess: applied to the images inside the compiled steps (on the device), e.g.
@@ -511,124 +858,46 @@ def fit_stream(state: TrainState, train_iter, *, steps: int, loss="cross_entropy
       keep_checkpoints: how many checkpoints to keep (None: all).
       steps_per_call: optimizer steps fused into one compiled call; calls end at row boundaries. Each
         call holds that many batches on the device, so keep it small for large images.
-      progress: show a tqdm progress bar.
-      mesh: device mesh with a ``"batch"`` axis (default: all devices).
-      log_fn: called with each log row.
-      stop_after_step: return after this step without a checkpoint there (simulates a killed run).
+      progress: show a tqdm progress bar (process 0).
+      mesh: device mesh with a ``"batch"`` axis (default: all devices of all processes).
+      log_fn: called with each log row (process 0).
+      stop_after_step: return after this step, what is due there done (as if killed right after).
+      tx: the optimizer, when ``state`` is an NNX model.
 
     Returns:
-      ``(state, history)``: the final state and the log rows (those of earlier runs included).
+      ``(state, history)`` — ``(model, history)`` for an NNX model: the log rows, earlier runs' included.
 
     Raises:
-      ValueError: ``workdir`` holds ``fit``'s ``checkpoint.msgpack`` and no stream checkpoint, or a
-        checkpoint that does not fit (names the file and what to do).
+      ValueError: ``workdir`` holds an earlier bnnjax's ``checkpoint.msgpack`` or a ``fit`` checkpoint,
+        or a checkpoint that does not fit (names the file and what to do).
       TypeError: ``workdir`` is given but ``train_iter`` is not a grain iterator (no checkpointable state).
       RuntimeError: ``train_iter`` ended before ``steps``.
     """
-    from tqdm.auto import tqdm
+    state, model = _as_state(state, tx, 0)
+    _check_positive(steps=steps, steps_per_call=steps_per_call, eval_every=eval_every,
+                    checkpoint_every=checkpoint_every, log_every=log_every)
+    source = _Stream(train_iter, steps)
+    eval_step = _compiled(loss, preprocess)[1]
 
-    from bnnjax import pipeline  # grain is loaded for the streaming path only
+    def row(step, tot, seconds):
+        out = {"train_loss": tot["loss"] / tot["count"], "train_accuracy": tot["correct"] / tot["count"],
+               "seconds": seconds, "images_per_second": tot["count"] / seconds}
+        if hasattr(train_iter, "skipped"):
+            out["skipped_images"] = int(train_iter.skipped)
+        return out
 
-    for name, value in (("steps", steps), ("steps_per_call", steps_per_call), ("eval_every", eval_every),
-                        ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    mesh = mesh or data_mesh()
-    run_chunk, eval_step = _compiled(loss, preprocess)
-    state = jax.device_put(_int32_step(state), NamedSharding(mesh, P()))
-    history, start, manager, log_path = [], 0, None, None
-    if workdir is not None:
-        if not _is_grain_iterator(train_iter):
-            raise TypeError(f"fit_stream checkpoints the input iterator's position, which needs a grain iterator "
-                            f"(pipeline.train_loader); got {type(train_iter).__name__}. Pass such an iterator, "
-                            "or workdir=None.")
-        old = Path(workdir) / _CKPT
-        if resume and old.exists() and not (Path(workdir) / _STREAM_DIR).is_dir():
-            raise ValueError(f"{old} is an in-memory fit checkpoint (per epoch, without an input pipeline position); "
-                             "fit_stream cannot resume from it. Load it with train.restore_checkpoint(workdir, "
-                             "state), pass that state to fit_stream with a new workdir, or delete the file.")
-        log_path = Path(workdir) / "log.jsonl"
-        manager = _stream_manager(workdir, keep_checkpoints)
-        latest = manager.latest_step() if resume else None
-        if latest is not None:
-            state = _restore_stream(manager, latest, state, train_iter, mesh)
-            start = int(latest)
-            history = _read_log(log_path, start, key="step")
-        if jax.process_index() == 0:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-
-    rows = _boundaries(start, steps, [log_every, checkpoint_every, eval_every if eval_data is not None else None],
-                       [stop_after_step])
-    bar = tqdm(total=steps, initial=start, desc="steps", disable=not progress, leave=False)
-    step = start
-    try:
-        for row_end in rows:
-            params_before = jax.tree.map(jnp.copy, state.params)  # the chunk call donates state.params
-            tot = {"loss": 0.0, "correct": 0, "count": 0}
-            pending = None  # metrics of the chunk in flight: read after the next one is dispatched
-
-            def account(m):
-                for key in tot:
-                    tot[key] += float(m[key]) if key == "loss" else int(m[key])
-
-            t0 = time.perf_counter()
-            while step < row_end:
-                k = min(steps_per_call, row_end - step)
-                batches = []
-                for _ in range(k):
-                    try:
-                        batches.append(next(train_iter))
-                    except StopIteration:
-                        raise RuntimeError(f"train_iter ended after {step + len(batches)} steps of {steps}; "
-                                           "fit_stream needs an endless stream (pipeline.train_loader).") from None
-                xs = np.stack([np.asarray(b["image"]) for b in batches])
-                ys = np.stack([np.asarray(b["label"]) for b in batches])
-                xs, ys = pipeline.global_batch((xs, ys), mesh, batch_axis=1)
-                state, m = run_chunk(state, xs, ys)
-                if pending is not None:
-                    account(pending)  # waits for the previous chunk: at most two in flight, with their batches
-                pending = m
-                step += k
-                bar.update(k)
-            account(pending)
-            jax.block_until_ready(state)
-            seconds = time.perf_counter() - t0
-            row = {"step": step, "train_loss": tot["loss"] / tot["count"],
-                   "train_accuracy": tot["correct"] / tot["count"], "seconds": seconds,
-                   "images_per_second": tot["count"] / seconds,
-                   "flip_ratio": float(optim.flip_ratio(params_before, state.params)),
-                   "learning_rate": current_learning_rate(state)}
-            if hasattr(train_iter, "skipped"):
-                row["skipped_images"] = int(train_iter.skipped)
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}")
-            if eval_data is not None and (step == steps or (eval_every and step % eval_every == 0)):
-                ev = _evaluate_stream(state, eval_data, eval_step, mesh, pipeline)
-                row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-            history.append(row)
-            if log_path is not None and jax.process_index() == 0:
-                with open(log_path, "a") as f:  # before the checkpoint: a later row is dropped on resume
-                    f.write(json.dumps(row) + "\n")
-            if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
-                import grain
-                import orbax.checkpoint as ocp
-
-                manager.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-                    data=grain.checkpoint.CheckpointSave(train_iter)), force=True)
-            if log_fn is not None:
-                log_fn(row)
-            if stop_after_step is not None and step >= stop_after_step:
-                break
-    finally:
-        bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
-    return state, history
+    ev = None if eval_data is None else (lambda st: _evaluate_stream(st, eval_data, eval_step, mesh or data_mesh()))
+    every = (log_every, checkpoint_every, eval_every if eval_data is not None else None)
+    plan = _Plan(steps, every, eval_every, (checkpoint_every,), stop_after_step, row, ev)
+    return _finish(model, *_run(state, source, plan, loss=loss, preprocess=preprocess,
+                                      steps_per_call=steps_per_call, workdir=workdir, resume=resume,
+                                      keep_checkpoints=keep_checkpoints, progress=progress, mesh=mesh,
+                                      log_fn=log_fn, desc="steps"))
 
 
-def _evaluate_stream(state, eval_data, eval_step, mesh, pipeline) -> dict:
+def _evaluate_stream(state, eval_data, eval_step, mesh) -> dict:
+    from bnnjax import pipeline
+
     tot = {"loss": 0.0, "correct": 0, "count": 0}
     results = []
     it = iter(eval_data)

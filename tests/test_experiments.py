@@ -36,7 +36,7 @@ def check(result, workdir, epochs, experiment_name):
     assert 0.0 <= result["test_accuracy"] <= 1.0
     log = [json.loads(line) for line in (Path(workdir) / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
-    assert (Path(workdir) / "checkpoint.msgpack").exists()
+    assert (Path(workdir) / "checkpoints").is_dir()
     assert json.loads((Path(workdir) / "result.json").read_text()) == result
 
 

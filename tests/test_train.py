@@ -69,7 +69,7 @@ def test_fit_learns_logs_and_checkpoints(tmp_path):
     assert int(state.step) == 6 * 7  # 6 full batches + the partial one, every epoch
     assert hist[-1]["test_accuracy"] > 0.8 and hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert 0 <= hist[0]["flip_ratio"] <= 1
-    assert (tmp_path / "checkpoint.msgpack").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["35", "42"]  # the last two epochs' (7 steps each)
     ev = train.evaluate(state, xt, yt, batch_size=33)  # partial batches give the same answer
     assert ev["accuracy"] == pytest.approx(hist[-1]["test_accuracy"])
 
@@ -189,27 +189,30 @@ def test_fit_stream_killed_and_resumed_is_bit_identical(tmp_path, image_folder):
     assert [r["step"] for r in logged] == [2, 4, 5, 6, 8, 10, 11]
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["11", "8"]
     it = loader()
-    restored, step = train.restore_stream_checkpoint(tmp_path / "b", stream_state(), it)
+    restored, step = train.restore_checkpoint(tmp_path / "b", stream_state(), it)
     assert step == 11 and it.get_state()["batches"] == 11
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert train.restore_stream_checkpoint(tmp_path / "none", stream_state()) is None
+    assert train.restore_checkpoint(tmp_path / "none", stream_state()) is None
     with pytest.raises(ValueError, match=r"(?s)checkpoints/11: cannot restore the checkpoint.*different model"):
-        train.restore_stream_checkpoint(tmp_path / "b", new_state())
+        train.restore_checkpoint(tmp_path / "b", new_state(), loader())
 
 
 def test_fit_stream_and_fit_reject_each_others_checkpoints(tmp_path, image_folder):
     from bnnjax import pipeline
 
     loader = pipeline.train_loader(image_folder, 8, image_size=16, num_workers=0)
-    train.save_checkpoint(tmp_path / "old", stream_state(), 1)
+    _write_old_checkpoint(tmp_path / "old", stream_state(), 1)
     with pytest.raises(ValueError, match=r"checkpoint\.msgpack is an in-memory fit checkpoint"):
         train.fit_stream(stream_state(), loader, steps=2, workdir=tmp_path / "old", progress=False)
     with pytest.raises(TypeError, match="needs a grain iterator"):
         train.fit_stream(stream_state(), iter([]), steps=2, workdir=tmp_path / "x", progress=False)
-    (tmp_path / "new" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(ValueError, match="holds fit_stream's"):
+    train.fit_stream(new_state(), _image_batches(), steps=1, workdir=tmp_path / "new", progress=False)
+    with pytest.raises(ValueError, match=r"checkpoints/1: this checkpoint is of a fit_stream \(an input stream\) run"):
         train.fit(new_state(), data(), epochs=1, batch_size=32, workdir=tmp_path / "new", progress=False)
+    train.fit(new_state(), data(), epochs=1, batch_size=32, workdir=tmp_path / "arrays", progress=False)
+    with pytest.raises(ValueError, match=r"this checkpoint is of a fit \(in-memory arrays\) run"):
+        train.fit_stream(new_state(), _image_batches(), steps=2, workdir=tmp_path / "arrays", progress=False)
     batches = iter([{"image": np.zeros((8, 16, 16, 3), np.uint8), "label": np.zeros(8, np.int32)}] * 3)
     with pytest.raises(RuntimeError, match="ended after 3 steps of 4"):
         train.fit_stream(stream_state(), batches, steps=4, preprocess=pipeline.normalize, progress=False)
@@ -230,16 +233,37 @@ def test_masked_eval_step_counts_only_real_examples():
     assert float(masked["loss"]) == pytest.approx(expected, rel=1e-4)
 
 
-def test_checkpoints_from_before_extra_variables_still_load(tmp_path):
+def _write_old_checkpoint(workdir, state, epoch, extra_variables=True):
+    """bnnjax 0.1's fit checkpoint: one msgpack file of ``{"epoch", "state"}``."""
     from flax import serialization
 
-    state = jax.device_get(new_state())
-    old = serialization.to_state_dict(state)
-    del old["extra_variables"]  # the TrainState fields of earlier versions
-    (tmp_path / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize({"epoch": 2, "state": old}))
-    restored, epoch = train.restore_checkpoint(tmp_path, state)
-    assert epoch == 2 and restored.extra_variables == {}
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    old = serialization.to_state_dict(jax.device_get(state))
+    if not extra_variables:
+        del old["extra_variables"]  # the TrainState fields of still earlier versions
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize({"epoch": epoch, "state": old}))
+
+
+def _image_batches():
+    """A grain iterator of tiny image batches for the Small model (6x6x1)."""
+    import grain
+
+    x, y = data(64)
+    return iter(grain.MapDataset.source([{"image": x[i], "label": y[i]} for i in range(64)]).repeat()
+                .batch(8, batch_fn=lambda b: {k: np.stack([e[k] for e in b]) for k in b[0]}).to_iter_dataset())
+
+
+@pytest.mark.parametrize("extra_variables", [True, False])
+def test_old_msgpack_checkpoints_are_converted_and_resumed(tmp_path, extra_variables):
+    x, y = data()
+    kw = dict(epochs=3, batch_size=32, steps_per_call=4, progress=False)
+    full, _ = train.fit(new_state(), (x, y), workdir=tmp_path / "full", **kw)
+    after2, _ = train.fit(new_state(), (x, y), **{**kw, "epochs": 2})
+    _write_old_checkpoint(tmp_path / "old", after2, 2, extra_variables)
+    resumed, hist = train.fit(new_state(), (x, y), workdir=tmp_path / "old", **kw)
+    assert [h["epoch"] for h in hist] == [3] and int(resumed.step) == 21
+    assert sorted(os.listdir(tmp_path / "old" / "checkpoints")) == ["14", "21"]  # converted at epoch 2's end
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -283,3 +307,79 @@ def test_stream_batches_split_over_four_devices(tmp_path):
     np.testing.assert_allclose(out["curves"]["4"], out["curves"]["1"], rtol=2e-3)
     assert out["shards"] == [[0, [2, 2, 3]], [2, [2, 2, 3]], [4, [2, 2, 3]], [6, [2, 2, 3]]]
     assert "host batch of 6 does not split over this host's 4 devices" in out["error"]
+
+
+# --- NNX models -------------------------------------------------------------------------------------
+
+from flax import nnx  # noqa: E402
+
+from bnnjax import nnx as bnx  # noqa: E402
+
+
+class SmallNNX(nnx.Module):
+    """Small in NNX: a binary conv, BatchNorm, dropout (an RNG stream) and a binary dense layer."""
+
+    def __init__(self, rngs):
+        self.conv = bnx.QuantConv(1, 8, (3, 3), kernel_quantizer="ste_sign", use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+        self.dense = bnx.QuantLinear(288, 2, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                                     use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.dropout(self.bn1(self.conv(x)).reshape((x.shape[0], -1)))
+        return self.bn2(self.dense(x))
+
+
+def test_nnx_seed000_trains_to_the_linen_loss_curve_bit_identically():
+    """The seed-000 model written in NNX, started from the linen model's variables, follows the linen
+    run's loss curve exactly and ends with the same variables."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (160, 28, 28, 1)).astype(np.float32)
+    y = (x[:, :14].mean(axis=(1, 2, 3)) > x[:, 14:].mean(axis=(1, 2, 3))).astype(np.int32)
+    kw = dict(epochs=2, batch_size=32, steps_per_call=5, progress=False)
+    lin_model = bnnjax.models.LarqTutorialCNN()
+    lin = train.create_train_state(lin_model, tx(), x[:1])
+    lin_state, lin_hist = train.fit(lin, (x, y), (x[:64], y[:64]), **kw)
+    variables = {"params": lin.params, "batch_stats": lin.batch_stats}
+    model = bnx.models.load_linen_variables(bnx.models.LarqTutorialCNN(rngs=nnx.Rngs(0)), lin_model, variables, x[:1])
+    model, hist = train.fit(model, (x, y), (x[:64], y[:64]), tx=tx(), **kw)
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in lin_hist]
+    assert [h["test_loss"] for h in hist] == [h["test_loss"] for h in lin_hist]
+    np.testing.assert_array_equal(model.conv2.kernel.get_value(), lin_state.params["QuantConv_1"]["kernel"].value)
+    np.testing.assert_array_equal(model.bn5.mean.get_value(), lin_state.batch_stats["BatchNorm_4"]["mean"])
+
+
+def test_nnx_fit_learns_resumes_bit_identically_and_refuses_linen_checkpoints(tmp_path):
+    x, y = data()
+    kw = dict(epochs=3, batch_size=32, steps_per_call=4, progress=False)
+    state = lambda: train.create_train_state(SmallNNX(nnx.Rngs(0)), tx())
+    full, hist_full = train.fit(state(), (x, y), (x, y), workdir=tmp_path / "a", **kw)
+    assert full.api == "nnx" and hist_full[-1]["train_loss"] < hist_full[0]["train_loss"]
+    train.fit(state(), (x, y), (x, y), workdir=tmp_path / "b", stop_after_epoch=1, **kw)
+    resumed, hist = train.fit(state(), (x, y), (x, y), workdir=tmp_path / "b", **kw)
+    raw = lambda a: np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(raw(a), raw(b))
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in hist_full]
+    model = train.trained_model(resumed)
+    assert isinstance(model, SmallNNX) and train.evaluate(model, x, y)["accuracy"] == pytest.approx(
+        hist_full[-1]["test_accuracy"])
+    with pytest.raises(ValueError, match=r"checkpoint is of a Flax NNX model \(SmallNNX\).*Flax linen model \(Small\)"):
+        train.fit(new_state(), (x, y), workdir=tmp_path / "a", **kw)
+    train.fit(new_state(), (x, y), workdir=tmp_path / "linen", **{**kw, "epochs": 1})
+    with pytest.raises(ValueError, match=r"checkpoint is of a Flax linen model \(Small\).*Flax NNX model \(SmallNNX\)"):
+        train.fit(state(), (x, y), workdir=tmp_path / "linen", **kw)
+
+
+def test_nnx_fit_stream_trains_an_nnx_model_in_place(tmp_path):
+    model = SmallNNX(nnx.Rngs(0))
+    before = np.asarray(model.dense.kernel.get_value()).copy()
+    out, hist = train.fit_stream(model, _image_batches(), steps=6, log_every=3, workdir=tmp_path, tx=tx(),
+                                 progress=False)
+    assert out is model and [h["step"] for h in hist] == [3, 6]
+    assert not np.array_equal(before, model.dense.kernel.get_value())
+    assert float(jnp.abs(model.dense.kernel.get_value()).max()) <= 1.0  # clipped
+    with pytest.raises(TypeError, match="needs its optimizer"):
+        train.fit_stream(model, _image_batches(), steps=1, progress=False)
