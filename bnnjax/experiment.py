@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
@@ -22,7 +23,8 @@ import numpy as np
 
 from bnnjax import datasets, export, ops, summary, train
 
-__all__ = ["Config", "cli", "run", "load_data", "steps_per_epoch"]
+__all__ = ["Config", "cli", "run", "load_data", "steps_per_epoch", "add_distributed_flags", "start_distributed",
+           "fail"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +32,11 @@ class Config:
     """Fields every experiment has; a script subclasses it, re-declaring defaults and adding its own.
 
     ``train_examples``/``test_examples`` slice the data (tests and quick looks); ``export`` packs the
-    trained model and evaluates it packed.
+    trained model and evaluates it packed; ``api`` picks the model family: Flax ``"linen"`` or ``"nnx"``.
     """
 
     dataset: str = "mnist"
+    api: str = "linen"
     data_dir: str | None = None
     epochs: int = 1
     batch_size: int = 64
@@ -56,16 +59,56 @@ def _flag_type(field, hints):
     return t
 
 
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """``--coordinator-address``, ``--num-processes``, ``--process-id``: a multi-process run."""
+    g = p.add_argument_group("several processes (hosts)", "give all three on a machine of your own; on a cluster "
+                             "(SLURM, Open MPI, Kubernetes, TPU pods) JAX detects them")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="how many processes run this command")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+
+
+_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
+def start_distributed(args: dict) -> None:
+    """Join a multi-process run when the flags of :func:`add_distributed_flags` (popped from ``args``) ask
+    for one, or when a cluster's launcher set its environment; else run as one process."""
+    flags = [args.pop(k, None) for k in ("coordinator_address", "num_processes", "process_id")]
+    if any(v is not None for v in flags):
+        if any(v is None for v in flags):
+            fail("--coordinator-address, --num-processes and --process-id go together: give all three.")
+        train.initialize_distributed(*flags)
+    elif any(int(os.environ.get(k, "1")) > 1 if k.endswith(("NTASKS", "SIZE")) else k in os.environ
+             for k in _CLUSTER_ENV):
+        train.initialize_distributed()
+
+
+def fail(message: str):
+    """Print ``error: message`` on stderr, without a traceback, and exit with status 2.
+
+    After a lost peer the process exits at once: JAX's exit-time barrier with the dead process would
+    only add a crash report to the message."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        os._exit(2)
+    raise SystemExit(2)
+
+
 def cli(config_cls, train_and_evaluate: Callable, argv=None, description: str | None = None):
-    """Parse ``--field-name value`` flags for every field of ``config_cls`` plus ``--workdir``.
+    """Parse ``--field-name value`` flags for every field of ``config_cls`` plus ``--workdir`` and the
+    multi-process flags (:func:`add_distributed_flags`).
 
     Booleans take ``--name`` / ``--no-name``; tuples take comma-separated values (``--hidden 512,512``).
-    A data error (dataset missing or corrupt, download or checksum failure: ``datasets.DataError``) is
-    printed as one line ``error: ...`` on stderr, without a traceback, and exits with status 2.
+    A data error (dataset missing or corrupt, download or checksum failure: ``datasets.DataError``), a
+    checkpoint that does not fit, or a lost process of a multi-process run is printed as one line
+    ``error: ...`` on stderr, without a traceback, and exits with status 2.
     """
     hints = typing.get_type_hints(config_cls)
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", default=None, help="log.jsonl, checkpoints/, result.json go here")
+    add_distributed_flags(p)
     for f in dataclasses.fields(config_cls):
         name = "--" + f.name.replace("_", "-")
         if hints.get(f.name) is bool:
@@ -73,13 +116,19 @@ def cli(config_cls, train_and_evaluate: Callable, argv=None, description: str | 
         else:
             p.add_argument(name, type=_flag_type(f, hints), default=f.default)
     args = vars(p.parse_args(argv))
+    if args.get("api", "linen") not in ("linen", "nnx"):
+        fail(f"--api must be linen or nnx, not {args['api']!r}.")
+    start_distributed(args)
     script = getattr(sys.modules.get(config_cls.__module__), "__file__", None) or config_cls.__module__
     workdir = args.pop("workdir") or f"runs/{Path(script).stem}"
     try:
         return train_and_evaluate(config_cls(**args), workdir)
-    except datasets.DataError as e:  # the message already says the cause and the fix; a traceback hides it
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (datasets.DataError, train.PeerLostError) as e:  # the message says the cause and the fix
+        fail(str(e))
+    except ValueError as e:
+        if "checkpoint" not in str(e):
+            raise
+        fail(str(e))  # a workdir whose checkpoint does not fit this run: the message says what to do
 
 
 def load_data(config, scale: str = "[-1, 1]", flatten: bool = False):
@@ -110,33 +159,55 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
     ``model.stablehlo``), ``predictions_identical`` (with the float model), ``packed_file_bytes``,
     ``packed_variables_bytes``.
     """
+    from flax import nnx
+
+    api = getattr(config, "api", "linen")
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"api must be 'linen' or 'nnx', got {api!r}.")
+    if isinstance(model, nnx.Module) != (api == "nnx"):
+        raise TypeError(f"config.api is {api!r} but the model is a {'Flax NNX' if isinstance(model, nnx.Module) else 'linen'} "
+                        "module: build the model family the config names.")
     (x, y), (xt, yt) = data or load_data(config, scale, flatten)
-    summary(model, x[:1], print_fn=print_fn)
+    lead = jax.process_index() == 0  # one process prints and writes the results
+    summary(model, x[:1], print_fn=print_fn if lead else None)
     state = train.create_train_state(model, tx, x[:1], seed=config.seed, params=params, batch_stats=batch_stats)
     t0 = time.perf_counter()
     state, hist = train.fit(state, (x, y), (xt, yt), epochs=config.epochs, batch_size=config.batch_size,
                             seed=config.seed, loss=loss, workdir=workdir,
                             progress=getattr(config, "progress", True),
                             log_fn=lambda row: print_fn(json.dumps(row)))
-    result = {"experiment": name, "dataset": config.dataset, "epochs": config.epochs,
+    result = {"experiment": name, "api": state.api, "dataset": config.dataset, "epochs": config.epochs,
               "test_accuracy": hist[-1]["test_accuracy"] if hist else None,
               "seconds": round(time.perf_counter() - t0, 2), "backend": jax.default_backend(),
               **(extra or {})}
+    if jax.process_count() > 1:
+        result["processes"] = jax.process_count()
     if jax.config.jax_default_matmul_precision is not None:
         result["matmul_precision"] = jax.config.jax_default_matmul_precision
     result["binary_gradients"] = ops.binary_gradient_precision()
     if getattr(config, "export", False):
-        variables = {**state.extra_variables, "params": state.params, "batch_stats": state.batch_stats}
-        packed = export.pack(model, variables, xt[:min(len(xt), 1000)])
+        if state.api == "nnx":  # the packed model is a model; a linen model's are its variables
+            model, variables = train.trained_model(state, model), None
+            packed = export.pack(model, xt[:min(len(xt), 1000)])
+            save = lambda path: export.save_artifact(path, packed, xt[:8])
+        else:
+            variables = {**state.extra_variables, "params": state.params, "batch_stats": state.batch_stats}
+            packed = export.pack(model, variables, xt[:min(len(xt), 1000)])
+            save = lambda path: export.save_artifact(path, model, packed, xt[:8])
         artifact = Path(workdir) / "model.stablehlo"
-        result["packed_file_bytes"] = export.save_artifact(artifact, model, packed, xt[:8])
+        if lead:
+            result["packed_file_bytes"] = save(artifact)
         result["packed_variables_bytes"] = export.packed_bytes(packed)
-        deployed = export.load_artifact(artifact)  # evaluated as deployed: the file alone
-        pred_p = np.concatenate([np.asarray(deployed.call(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])
-        apply = jax.jit(lambda a: model.apply(variables, a))
-        pred_f = np.concatenate([np.asarray(apply(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])
-        result["packed_test_accuracy"] = float(np.mean(pred_p == yt))
-        result["predictions_identical"] = bool(np.array_equal(pred_p, pred_f))
+        if lead:
+            deployed = export.load_artifact(artifact)  # evaluated as deployed: the file alone
+            pred_p = np.concatenate([np.asarray(deployed.call(xt[i:i + 1000])).argmax(-1)
+                                     for i in range(0, len(xt), 1000)])
+            apply = jax.jit(export._inference_fn(model, variables))
+            pred_f = np.concatenate([np.asarray(apply(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])
+            result["packed_test_accuracy"] = float(np.mean(pred_p == yt))
+            result["predictions_identical"] = bool(np.array_equal(pred_p, pred_f))
+    if not lead:
+        return result
     Path(workdir).mkdir(parents=True, exist_ok=True)
     (Path(workdir) / "result.json").write_text(json.dumps(result) + "\n")
     print_fn(json.dumps(result))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -46,9 +47,16 @@ from bnnjax.datasets import epoch_permutation
 
 __all__ = ["TrainState", "create_train_state", "softmax_cross_entropy", "squared_hinge", "LOSSES",
            "make_train_step", "make_eval_step", "evaluate", "fit", "fit_stream", "restore_checkpoint",
-           "data_mesh", "current_learning_rate", "initialize_distributed", "trained_model", "CHECKPOINT_FORMAT"]
+           "data_mesh", "current_learning_rate", "initialize_distributed", "trained_model", "PeerLostError",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "bnnjax-train"
+
+
+class PeerLostError(RuntimeError):
+    """A process of a multi-process run stopped: the others cannot go on (restart every process; the run
+    resumes from its last checkpoint)."""
+
 CHECKPOINT_VERSION = 1
 
 
@@ -342,19 +350,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     others within about ``timeout_seconds`` (missed heartbeats), which then stop with an error naming
     it instead of waiting forever in a collective.
     """
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives between processes (the default is none); accelerators bring their own. Nothing
+    # here may touch a backend: initialize() must come first.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
-    try:
-        import inspect
-
-        params = inspect.signature(jax.distributed.initialize).parameters
-        if "heartbeat_timeout_seconds" in params:
-            kwargs["heartbeat_timeout_seconds"] = timeout_seconds
-        if "initialization_timeout" in params:
-            kwargs["initialization_timeout"] = timeout_seconds
-    except (TypeError, ValueError):
-        pass
+    params = inspect.signature(jax.distributed.initialize).parameters
+    if "heartbeat_timeout_seconds" in params:
+        kwargs["heartbeat_timeout_seconds"] = timeout_seconds
+    if "initialization_timeout" in params:
+        kwargs["initialization_timeout"] = timeout_seconds
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 
 
@@ -730,6 +734,15 @@ def _run(state: TrainState, source, plan: _Plan, *, loss, preprocess, steps_per_
                 _save(manager, step, state, source, {"step": step, "totals": tot, "seconds": seconds}, grain_iterator)
             if plan.stop_after is not None and step >= plan.stop_after:
                 break
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        where = f" in {workdir}" if workdir is not None else " (no workdir: it starts over)"
+        raise PeerLostError(f"process {jax.process_index()} of this {jax.process_count()}-process run stopped at step "
+                            f"{step}: a collective with the other processes failed ({first}); another process has "
+                            f"most likely died. Restart every process with the same command: the run resumes from "
+                            f"its last checkpoint{where}.") from e
     finally:
         bar.close()
         if manager is not None:

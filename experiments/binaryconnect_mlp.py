@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax import nnx
 
 import bnnjax
 from bnnjax import experiment
+from bnnjax import nnx as bnx
 from bnnjax.layers import Activation, BatchNorm, QuantDense
 
 KERNEL = {"float": None, "deterministic": "ste_sign", "stochastic": "stochastic_sign"}
@@ -48,6 +50,29 @@ class BinaryConnectMLP(nn.Module):
         return BatchNorm(use_running_average=not train)(x)
 
 
+class NNXBinaryConnectMLP(nnx.Module):
+    """BinaryConnectMLP in Flax NNX (stochastic kernels draw from the "quantizer" stream)."""
+
+    def __init__(self, in_features: int, hidden=(1024, 1024, 1024), mode: str = "deterministic", dropout: float = 0.0,
+                 num_classes: int = 10, *, rngs: nnx.Rngs):
+        if mode not in KERNEL:
+            raise ValueError(f"mode must be one of {sorted(KERNEL)}, got {mode!r}.")
+        binary = dict(kernel_quantizer=KERNEL[mode], use_bias=False, rngs=rngs)
+        if mode != "float":
+            binary["kernel_init"] = uniform_clip_range
+        widths = (in_features, *hidden)
+        self.dense = nnx.List([bnx.QuantLinear(a, b, **binary) for a, b in zip(widths, widths[1:])])
+        self.bn = nnx.List([bnx.BatchNorm(b, rngs=rngs) for b in hidden])
+        self.relu, self.dropout = bnx.Activation("relu"), nnx.Dropout(dropout, rngs=rngs)
+        self.head = bnx.QuantLinear(widths[-1], num_classes, **binary)
+        self.head_bn = bnx.BatchNorm(num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        for dense, bn in zip(self.dense, self.bn):
+            x = self.dropout(self.relu(bn(dense(x))))
+        return self.head_bn(self.head(x))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(experiment.Config):
     mode: str = "deterministic"  # float | deterministic | stochastic
@@ -60,11 +85,16 @@ class Config(experiment.Config):
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
     dropout = config.dropout if config.mode == "float" else 0.0
-    model = BinaryConnectMLP(config.hidden, config.mode, dropout)
+    (x, _), _ = data = experiment.load_data(config, "[0, 1]", flatten=True)
+    if config.api == "nnx":
+        model = NNXBinaryConnectMLP(x.shape[-1], config.hidden, config.mode, dropout,
+                                    rngs=nnx.Rngs(config.seed, quantizer=config.seed + 1))
+    else:
+        model = BinaryConnectMLP(config.hidden, config.mode, dropout)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
     if config.mode != "float":
         tx = optax.chain(tx, bnnjax.weight_clip(1.0))
-    return experiment.run("binaryconnect_mlp", model, tx, config, workdir, scale="[0, 1]", flatten=True,
+    return experiment.run("binaryconnect_mlp", model, tx, config, workdir, data,
                           extra={"mode": config.mode, "hidden": list(config.hidden)})
 
 

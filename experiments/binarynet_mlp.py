@@ -11,9 +11,11 @@ import dataclasses
 
 import optax
 from flax import linen as nn
+from flax import nnx
 
 import bnnjax
 from bnnjax import experiment
+from bnnjax import nnx as bnx
 from bnnjax.layers import BatchNorm, QuantDense
 
 
@@ -35,6 +37,28 @@ class BinaryNetMLP(nn.Module):
         return bn()(x)
 
 
+class NNXBinaryNetMLP(nnx.Module):
+    """BinaryNetMLP in Flax NNX."""
+
+    def __init__(self, in_features: int, hidden=(4096, 4096, 4096), dropout_in: float = 0.2,
+                 dropout_hidden: float = 0.5, num_classes: int = 10, *, rngs: nnx.Rngs):
+        widths = (in_features, *hidden, num_classes)
+        self.dense = nnx.List([bnx.QuantLinear(a, b, input_quantizer=None if i == 0 else "ste_sign",
+                                               kernel_quantizer="ste_sign", use_bias=False, rngs=rngs)
+                               for i, (a, b) in enumerate(zip(widths, widths[1:]))])
+        self.bn = nnx.List([bnx.BatchNorm(b, momentum=0.9, epsilon=1e-4, rngs=rngs) for b in widths[1:]])
+        self.drop_in = nnx.Dropout(dropout_in, rngs=rngs)
+        self.drop = nnx.Dropout(dropout_hidden, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop_in(x)
+        for i, (dense, bn) in enumerate(zip(self.dense, self.bn)):
+            x = bn(dense(x))
+            if i < len(self.dense) - 1:
+                x = self.drop(x)
+        return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(experiment.Config):
     hidden: tuple[int, ...] = (4096, 4096, 4096)
@@ -52,7 +76,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     decay = (config.lr_end / config.lr_start) ** (1 / max(config.epochs, 1))  # per epoch, as the paper
     lr = optax.exponential_decay(config.lr_start, transition_steps=steps, decay_rate=decay, staircase=True)
     tx = optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=lr), bnnjax.weight_clip(1.0))
-    model = BinaryNetMLP(config.hidden, config.dropout_in, config.dropout_hidden)
+    if config.api == "nnx":
+        model = NNXBinaryNetMLP(x.shape[-1], config.hidden, config.dropout_in, config.dropout_hidden,
+                                rngs=nnx.Rngs(config.seed))
+    else:
+        model = BinaryNetMLP(config.hidden, config.dropout_in, config.dropout_hidden)
     return experiment.run("binarynet_mlp", model, tx, config, workdir, data, loss="squared_hinge",
                           extra={"hidden": list(config.hidden)})
 

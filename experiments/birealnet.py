@@ -11,6 +11,7 @@ Defaults are Bi-Real Net 18 (stage sizes 4,4,4,4, width 64).
 import dataclasses
 
 import optax
+from flax import nnx
 
 import bnnjax
 from bnnjax import experiment, optim, train
@@ -35,11 +36,18 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     steps = experiment.steps_per_epoch(config, len(x)) * config.epochs
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=optax.cosine_decay_schedule(config.learning_rate,
                                                                                           max(steps, 1)))
-    model = BiRealNet(config.stage_sizes, config.width)
+    if config.api == "nnx":
+        model = bnnjax.nnx.models.BiRealNet(config.stage_sizes, config.width, in_features=x.shape[-1],
+                                            rngs=nnx.Rngs(config.seed))
+    else:
+        model = BiRealNet(config.stage_sizes, config.width)
     params = None
     if config.optimizer == "bop":
         tx = bnnjax.case_optimizer(bnnjax.bop(config.bop_threshold, config.bop_gamma), adam)
-        params = optim.sign_kernels(train.create_train_state(model, tx, x[:1], seed=config.seed).params)
+        if config.api == "nnx":
+            optim.sign_kernels(model)  # Bop starts from binary kernels: set in place
+        else:
+            params = optim.sign_kernels(train.create_train_state(model, tx, x[:1], seed=config.seed).params)
     elif config.optimizer == "adam":
         tx = optax.chain(adam, bnnjax.weight_clip(1.0))
     else:

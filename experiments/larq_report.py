@@ -12,8 +12,10 @@ import dataclasses
 
 import optax
 from flax import linen as nn
+from flax import nnx
 
 from bnnjax import experiment
+from bnnjax import nnx as bnx
 from bnnjax.layers import Flatten, MaxPool, QuantConv, QuantDense
 from bnnjax.layers import keras_batch_norm
 
@@ -34,6 +36,28 @@ class ReportBNN(nn.Module):
         return keras_batch_norm(train)(x)
 
 
+class NNXReportBNN(nnx.Module):
+    """ReportBNN in Flax NNX."""
+
+    def __init__(self, input_shape, dense_units: int = 128, num_classes: int = 10, *, rngs: nnx.Rngs):
+        h, w, c = input_shape
+        q = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False,
+                 kernel_init=nnx.initializers.glorot_uniform(), rngs=rngs)
+        self.conv1, self.bn1 = bnx.QuantConv(c, 32, (3, 3), padding="SAME", **q), bnx.keras_batch_norm(32, rngs=rngs)
+        self.conv2, self.bn2 = bnx.QuantConv(32, 64, (3, 3), padding="SAME", **q), bnx.keras_batch_norm(64, rngs=rngs)
+        self.pool, self.flatten = bnx.MaxPool((2, 2)), bnx.Flatten()
+        self.dense1 = bnx.QuantLinear(h // 4 * (w // 4) * 64, dense_units, **q)
+        self.bn3 = bnx.keras_batch_norm(dense_units, rngs=rngs)
+        self.dense2 = bnx.QuantLinear(dense_units, num_classes, **q)
+        self.bn4 = bnx.keras_batch_norm(num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.pool(self.bn1(self.conv1(x)))
+        x = self.pool(self.bn2(self.conv2(x)))
+        x = self.dense2(self.bn3(self.dense1(self.flatten(x))))
+        return self.bn4(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(experiment.Config):
     epochs: int = 10
@@ -49,8 +73,10 @@ def one_hot_cross_entropy(logits, labels):
 def train_and_evaluate(config: Config, workdir: str) -> dict:
     # the report compiles without kernel_constraint: no weight clipping, as published
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
-    return experiment.run("larq_report", ReportBNN(), tx, config, workdir, loss=one_hot_cross_entropy,
-                          scale=config.input_scale, extra={"input_scale": config.input_scale})
+    (x, _), _ = data = experiment.load_data(config, config.input_scale)
+    model = NNXReportBNN(x.shape[1:], rngs=nnx.Rngs(config.seed)) if config.api == "nnx" else ReportBNN()
+    return experiment.run("larq_report", model, tx, config, workdir, data, loss=one_hot_cross_entropy,
+                          extra={"input_scale": config.input_scale})
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 3 QuantConv + 2 QuantDense with ste_sign, weight clipping, BatchNorm(scale=False), max-pool before BN,
 real first-layer input, Adam, batch 64, 6 epochs, inputs in [-1, 1]. Published: 97.5-97.6 % on MNIST.
 
-    python experiments/larq_tutorial.py --dataset fashion_mnist [--export]
+    python experiments/larq_tutorial.py --dataset fashion_mnist [--export] [--api nnx]
 """
 import dataclasses
 
 import optax
+from flax import nnx
 
 import bnnjax
 from bnnjax import experiment
@@ -20,10 +21,14 @@ class Config(experiment.Config):
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
-    model = bnnjax.models.LarqTutorialCNN()
+    (x, _), _ = data = experiment.load_data(config, "[-1, 1]")
+    if config.api == "nnx":
+        model = bnnjax.nnx.models.LarqTutorialCNN(x.shape[1:], rngs=nnx.Rngs(config.seed))
+    else:
+        model = bnnjax.models.LarqTutorialCNN()
     tx = optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate),
                      bnnjax.weight_clip(1.0))
-    return experiment.run("larq_tutorial", model, tx, config, workdir, scale="[-1, 1]")
+    return experiment.run("larq_tutorial", model, tx, config, workdir, data)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import dataclasses
 
 import optax
 from flax import linen as nn
+from flax import nnx
 
 import bnnjax
 from bnnjax import experiment
+from bnnjax import nnx as bnx
 from bnnjax.layers import BatchNorm, Flatten, MaxPool, QuantConv, QuantDense
 
 
@@ -33,6 +35,31 @@ class XNORNet(nn.Module):
         return nn.Dense(self.num_classes)(bn()(x))
 
 
+class NNXXNORNet(nnx.Module):
+    """XNORNet in Flax NNX."""
+
+    def __init__(self, input_shape, widths=(64, 128, 256), dense: int = 512, num_classes: int = 10, *,
+                 rngs: nnx.Rngs):
+        h, w, c = input_shape
+        xnor = dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight_scale", use_bias=False, rngs=rngs)
+        self.conv1 = bnx.QuantConv(c, widths[0], (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.convs = nnx.List([bnx.QuantConv(a, b, (3, 3), padding="SAME", **xnor) for a, b in zip(widths, widths[1:])])
+        self.bns = nnx.List([bnx.BatchNorm(a, momentum=0.9, rngs=rngs) for a in widths[:-1]])
+        self.pool, self.flatten = bnx.MaxPool((2, 2)), bnx.Flatten()
+        features = (h >> len(widths)) * (w >> len(widths)) * widths[-1]
+        self.bn_flat = bnx.BatchNorm(features, momentum=0.9, rngs=rngs)
+        self.dense = bnx.QuantLinear(features, dense, **xnor)
+        self.bn_dense = bnx.BatchNorm(dense, momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.pool(self.conv1(x))
+        for conv, bn in zip(self.convs, self.bns):
+            x = self.pool(conv(bn(x)))
+        x = self.dense(self.bn_flat(self.flatten(x)))
+        return self.head(self.bn_dense(x))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(experiment.Config):
     dataset: str = "cifar10"
@@ -48,7 +75,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     steps = experiment.steps_per_epoch(config, len(x)) * config.epochs
     lr = optax.cosine_decay_schedule(config.learning_rate, max(steps, 1))
     tx = optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=lr), bnnjax.weight_clip(1.0))
-    return experiment.run("xnornet", XNORNet(config.widths, config.dense), tx, config, workdir, data)
+    if config.api == "nnx":
+        model = NNXXNORNet(x.shape[1:], config.widths, config.dense, rngs=nnx.Rngs(config.seed))
+    else:
+        model = XNORNet(config.widths, config.dense)
+    return experiment.run("xnornet", model, tx, config, workdir, data)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,32 @@ def test_birealnet(data_dir, tmp_path, optimizer):
         assert log["flip_ratio"] > 0
 
 
+NNX_CASES = [
+    ("larq_tutorial", dict(epochs=1, export=True)),
+    ("larq_report", dict(epochs=1, input_scale="[-1, 1]", export=True)),
+    ("binaryconnect_mlp", dict(mode="stochastic", hidden=(32, 32), epochs=1, batch_size=32, export=True)),
+    ("binarynet_mlp", dict(hidden=(64, 64), epochs=1, export=True)),
+    ("xnornet", dict(widths=(8, 16), dense=16, epochs=1, export=True)),
+    ("birealnet", dict(stage_sizes=(1, 1), width=8, optimizer="bop", epochs=1, batch_size=32, bop_gamma=1e-2,
+                       export=True)),
+    ("abcnet", dict(float_epochs=1, epochs=1, sweep_bases=(3,), num_weight_bases=3, num_act_bases=3, batch_size=32,
+                    train_examples=64, test_examples=32, export=True)),
+]
+
+
+@pytest.mark.parametrize("name,kw", NNX_CASES, ids=[c[0] for c in NNX_CASES])
+def test_every_script_runs_its_nnx_model_family(data_dir, tmp_path, name, kw, monkeypatch):
+    monkeypatch.setattr(optim, "_warned_unclipped", True)  # larq_report trains unclipped, as published
+    m = script(name)
+    cfg = m.Config(data_dir=data_dir, api="nnx", progress=False, **({"dataset": "mnist"} if name == "xnornet" else {}),
+                   **kw)
+    r = m.train_and_evaluate(cfg, str(tmp_path))
+    sub = tmp_path / "M3_N3" if name == "abcnet" else tmp_path
+    result = json.loads((sub / "result.json").read_text())
+    assert result["api"] == "nnx" and r["test_accuracy"] == result["test_accuracy"]
+    assert result["predictions_identical"] is True
+
+
 def test_cli_parses_config_flags(tmp_path):
     m = script("binaryconnect_mlp")
     seen = {}
