@@ -346,9 +346,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
     With no arguments JAX detects the cluster (SLURM, Open MPI, Kubernetes, TPU pods); on a machine of
     your own give ``coordinator_address="host:port"`` (process 0's), ``num_processes`` and
-    ``process_id``. Call it before anything else touches JAX. A process that dies is noticed by the
-    others within about ``timeout_seconds`` (missed heartbeats), which then stop with an error naming
-    it instead of waiting forever in a collective.
+    ``process_id``. Call it before anything else touches JAX.
+
+    A process that dies is noticed by the others in their next collective, which fails at once: the
+    engine raises :class:`PeerLostError` (the scripts print it as one line and exit with status 2). A
+    process that hangs, or a death no collective sees, is noticed by JAX's coordination service after
+    ``timeout_seconds`` without heartbeats: it terminates the others with "the JAX distributed service
+    detected fatal errors ... another task died". Either way nobody waits forever.
     """
     # CPU collectives between processes (the default is none); accelerators bring their own. Nothing
     # here may touch a backend: initialize() must come first.
