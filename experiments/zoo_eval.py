@@ -45,7 +45,7 @@ import numpy as np
 from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnnjax import datasets, export, pipeline, train, zoo
+from bnnjax import datasets, experiment, export, pipeline, train, zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +260,8 @@ def evaluate(config: Config, print_fn: Callable[[str], Any] = print) -> dict:
               "weights": "none" if config.weights is None else str(config.weights), "packed": config.packed,
               "image_size": config.image_size, "batch_size": config.batch_size, "devices": devices,
               "backend": jax.default_backend()}
-    print_fn(json.dumps(result))
+    if jax.process_index() == 0:
+        print_fn(json.dumps(result))
     return result
 
 
@@ -285,13 +286,14 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=d.workers, help="decoding processes per host")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
     p.add_argument("--seed", type=int, default=d.seed, help="random initialization of --weights none")
-    config = Config(**vars(p.parse_args(argv)))
+    experiment.add_distributed_flags(p)
+    args = vars(p.parse_args(argv))
+    experiment.start_distributed(args)
+    config = Config(**args)
     try:
         return evaluate(config)
-    except (datasets.DataError, OSError, ValueError, ImportError) as e:
-        # the message says what is wrong and what to do; a traceback would bury it
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (datasets.DataError, OSError, ValueError, ImportError, train.PeerLostError) as e:
+        experiment.fail(str(e))  # the message says what is wrong and what to do; a traceback would bury it
 
 
 if __name__ == "__main__":

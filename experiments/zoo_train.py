@@ -346,7 +346,8 @@ def train_and_evaluate(config: Config, workdir: str, *, stop_after_step: int | N
         (out / "model.json").write_text(json.dumps({"model": config.model, "num_classes": num_classes,
                                                     "image_size": size, "fields": fields}) + "\n")
         (out / "result.json").write_text(json.dumps(result) + "\n")
-    print_fn(json.dumps(result))
+    if jax.process_index() == 0:
+        print_fn(json.dumps(result))
     return result
 
 
@@ -354,8 +355,7 @@ def _cli_run(config: Config, workdir: str) -> dict:
     try:
         return train_and_evaluate(config, workdir)
     except (datasets.DataError, OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)  # the message says what to do; a traceback would bury it
-        raise SystemExit(2) from None
+        experiment.fail(str(e))  # the message says what to do; a traceback would bury it
 
 
 def main(argv=None) -> dict:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bnnjax
 from bnnjax import zoo
 from bnnjax._download import DownloadError
 from bnnjax.layers import QuantParam
@@ -152,3 +153,63 @@ def test_imagenet_weights_download_once_through_the_mirror_then_load(tmp_path, m
         zoo.weights_path("Seed000", progress=False)
     with pytest.raises(ValueError, match="no ImageNet weights for Seed000 with include_top=False"):
         zoo.weights_path("Seed000", include_top=False)
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_zoo_model_as_nnx_has_the_same_tags_and_summary(name):
+    """The NNX form (the linen description through bnnjax.nnx.LinenModel) tags exactly the linen model's
+    binary kernels as QuantParams and summarizes to the same figures (shapes only: nothing computed)."""
+    from flax import nnx
+
+    from bnnjax import layers as L
+    from bnnjax import nnx as bnx
+
+    model = zoo.MODELS[name]()
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(lambda a: model.init(jax.random.key(0), a), x)
+    m = bnx.LinenModel(model, variables)
+    binary = [v for v in jax.tree.leaves(variables, is_leaf=L.is_quantized) if L.is_binary(v)]
+    tagged = [v for _, v in nnx.to_flat_state(nnx.state(m, bnx.QuantParam)) if v.precision == 1 and v.quantizer != "abc"]
+    assert len(tagged) == len(binary) > 0
+    assert len(jax.tree.leaves(nnx.state(m, nnx.Param))) == len(jax.tree.leaves(variables["params"]))
+    a = bnnjax.summary(m, x, print_fn=None)
+    b = bnnjax.summary(model, x, print_fn=None)
+    assert a == b
+
+
+def test_zoo_load_nnx_equals_linen_trains_and_packs():
+    """QuickNet at 64x64 with random BatchNorm statistics: the NNX model's outputs equal the linen
+    model's, it takes an nnx.Optimizer step, and packs to the same predictions."""
+    import optax
+    from flax import nnx
+
+    from bnnjax import export
+    from bnnjax import nnx as bnx
+
+    model, v = zoo.load("QuickNetSmall", input_shape=(64, 64, 3), num_classes=10, classifier_activation=None)
+    keys = iter(jax.random.split(jax.random.key(3), 256))
+    v = {**v, "batch_stats": jax.tree.map(lambda a: jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=1.5),
+                                          v["batch_stats"])}
+    m = bnx.LinenModel(model, v)
+    x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    call = nnx.jit(lambda mm, a: mm(a))
+    y = call(m, x)
+    np.testing.assert_array_equal(y, jax.jit(model.apply)(v, x))
+    m2 = zoo.load("QuickNetSmall", input_shape=(64, 64, 3), num_classes=10, api="nnx")
+    assert isinstance(m2, bnx.LinenModel) and m2.deterministic
+    packed = export.pack(m, x)  # verified inside: same argmax, outputs within 1 %
+    assert isinstance(packed, bnx.LinenModel)
+    assert isinstance(packed.linen_variables()["params"]["QuantConv_3"]["kernel"], bnnjax.packing.PackedKernel)
+    opt = nnx.Optimizer(m, optax.chain(optax.adam(1e-3), bnnjax.weight_clip(zoo.quicknet.CLIP_VALUE)), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(mm, opt):
+        opt.update(mm, nnx.grad(lambda mm: -jax.nn.log_softmax(mm(x))[:, 0].mean())(mm))
+
+    m.train()
+    before = np.asarray(m.vars["QuantConv_3"]["kernel"].get_value())
+    step(m, opt)
+    after = m.vars["QuantConv_3"]["kernel"].get_value()
+    assert not np.array_equal(before, after) and float(jnp.abs(after).max()) <= zoo.quicknet.CLIP_VALUE
+    with pytest.raises(ValueError, match="api must be"):
+        zoo.load("QuickNet", api="keras")

@@ -9,7 +9,9 @@ returns (softmax probabilities with the top).
 
 ``model, variables = bnnjax.zoo.load("QuickNet", weights="imagenet")`` builds a model and its variables:
 random (``weights=None``), larq-zoo's released ImageNet weights (downloaded once, SHA-256 checked), or a
-Keras ``.h5`` weights file.
+Keras ``.h5`` weights file. ``model = bnnjax.zoo.load("QuickNet", weights="imagenet", api="nnx")``
+returns the same model as a Flax NNX module (:class:`bnnjax.nnx.LinenModel`: the architecture is
+written once, in linen; its binary kernels are ``bnnjax.nnx.QuantParam`` variables).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, input_shape=DEFAULT_
 
 
 def load(name: str, weights: str | os.PathLike | None = None, include_top: bool = True, num_classes: int = 1000,
-         input_shape: tuple[int, int, int] | None = None, *, seed: int = 0, **fields):
+         input_shape: tuple[int, int, int] | None = None, *, seed: int = 0, api: str = "linen", **fields):
     """Build zoo model ``name`` and its variables, like larq-zoo's ``Model(weights=..., ...)``.
 
     Args:
@@ -100,17 +102,27 @@ def load(name: str, weights: str | os.PathLike | None = None, include_top: bool 
       num_classes: classes of the head (1000 with ImageNet weights).
       input_shape: ``(height, width, 3)``; default ``(224, 224, 3)``.
       seed: PRNG seed of the random initialization.
+      api: ``"linen"`` or ``"nnx"``.
       **fields: other fields of the model (``classifier_activation=None`` for logits).
 
     Returns:
-      ``(model, variables)``; ``model.apply(variables, x)`` evaluates in inference mode.
+      linen: ``(model, variables)``; ``model.apply(variables, x)`` evaluates in inference mode. NNX: the
+      model, in evaluation mode (``model(x)``; ``model.train()`` to fine-tune).
 
     Raises:
-      ValueError: unknown name, a ``weights`` that is neither None, "imagenet" nor an existing file,
+      ValueError: unknown name or api, a ``weights`` that is neither None, "imagenet" nor an existing file,
         ImageNet weights with ``num_classes != 1000``, an input shape without 3 channels.
       WeightsFileError: a weights file that does not fit the model.
     """
     cls = _model_class(name)
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"api must be 'linen' or 'nnx', got {api!r}.")
+    if api == "nnx":
+        from bnnjax.nnx import LinenModel
+        from flax import nnx
+
+        model, variables = load(name, weights, include_top, num_classes, input_shape, seed=seed, **fields)
+        return LinenModel(model, variables, rngs=nnx.Rngs(seed))
     if not (weights is None or weights == "imagenet" or os.path.isfile(weights)):
         raise ValueError(f"weights must be None (random initialization), 'imagenet' (larq-zoo's ImageNet "
                          f"weights) or the path to a weights file; {weights!r} is none of these (no such file).")
