@@ -357,16 +357,25 @@ def _iree():
 
 
 def compile_iree(model, packed=None, example_input=None, target: str = "host",
-                 path: str | os.PathLike | None = None) -> bytes:
+                 path: str | os.PathLike | None = None, *, verify: bool = True) -> bytes:
     """Compile ``model.apply(packed, .)`` (or an NNX model: ``compile_iree(model, x, target=...)``) with
-    IREE for a CPU: the same StableHLO as
-    :func:`save_artifact`, at the fixed batch size of ``example_input`` (IREE's CPU backend does not
-    take jax's symbolic dimensions).
+    IREE for a CPU: the same StableHLO as :func:`save_artifact`, at the fixed batch size of
+    ``example_input`` (IREE's CPU backend does not take jax's symbolic dimensions).
+
+    IREE links its own OS-independent ELF code (``embedded-elf``) for every target, loaded by IREE's
+    runtime on any OS of that architecture. Its runtime does not check CPU features when it loads a
+    module: a module for a CPU with more features than the one running it dies of an illegal
+    instruction (SIGILL). Verified: ``"rpi4"`` modules run under qemu-user emulating a Cortex-A72
+    with predictions identical to x86 (``experiments/check_arm.py``); ``"apple-m1"`` modules (armv8.4-a
+    with dot product and fp16 instructions) run under qemu's ``max`` CPU with identical predictions and
+    die of SIGILL on a Cortex-A72; no real Pi 4 or M1 was at hand.
 
     Args:
       target: ``"host"`` (this machine), ``"x86-64"`` (x86-64-v3), ``"rpi4"`` (Raspberry Pi 4: aarch64
-        Cortex-A72) or ``"apple-m1"``; cross-compiled modules run with IREE's runtime on that device.
+        Cortex-A72) or ``"apple-m1"`` (armv8.4-a + dot product + fp16; not for a Pi 4).
       path: where to write the ``.vmfb`` module, if given.
+      verify: for a module this machine can run (``"host"``, and ``"x86-64"`` on an x86-64-v3 CPU), run it
+        on ``example_input`` and require the predictions of ``model.apply``.
 
     Returns:
       The compiled module (IREE VM flatbuffer).
@@ -374,22 +383,41 @@ def compile_iree(model, packed=None, example_input=None, target: str = "host",
     Raises:
       ImportError: IREE is not installed.
       ValueError: unknown target.
+      ExportError: the compiled module disagrees with the model on ``example_input``.
     """
     if target not in IREE_TARGETS:
         raise ValueError(f"unknown IREE target {target!r}; choose one of {sorted(IREE_TARGETS)}.")
     compiler, _ = _iree()
     packed, example_input = _model_args(model, packed, example_input)
     x = jnp.asarray(example_input)
-    exported = jax.export.export(jax.jit(_inference_fn(model, packed)))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    fn = jax.jit(_inference_fn(model, packed))
+    exported = jax.export.export(fn)(jax.ShapeDtypeStruct(x.shape, x.dtype))
     vmfb = compiler.compile_str(exported.mlir_module(), target_backends=["llvm-cpu"], input_type="stablehlo",
                                 extra_args=IREE_TARGETS[target])
+    if verify and target == "host":
+        got, want = load_iree(vmfb)(np.asarray(x)), np.asarray(fn(x))
+        if got.shape != want.shape or not np.array_equal(got.argmax(-1), want.argmax(-1)):
+            raise ExportError("the IREE module's predictions differ from the model's on example_input.")
     if path is not None:
         Path(path).write_bytes(vmfb)
     return vmfb
 
 
 def load_iree(vmfb: bytes):
-    """A host-compiled :func:`compile_iree` module as a function of a numpy batch (IREE's CPU runtime)."""
+    """A :func:`compile_iree` module this machine can run, as a function of a numpy batch (IREE's CPU
+    runtime).
+
+    Raises:
+      ValueError: a module compiled for another CPU (run it on that device with IREE's
+        ``iree-run-module``; ``experiments/check_arm.py`` shows how, under qemu).
+    """
     _, runtime = _iree()
-    main = runtime.load_vm_flatbuffer(vmfb, driver="local-task").main
+    try:
+        main = runtime.load_vm_flatbuffer(vmfb, driver="local-task").main
+    except RuntimeError as e:
+        if "INCOMPATIBLE" not in str(e) and "not found" not in str(e):
+            raise
+        raise ValueError("this IREE module was compiled for another CPU than this one (compile_iree's target); "
+                         "run it on that device with IREE's iree-run-module, or compile with target='host' to run it "
+                         f"here ({str(e).splitlines()[0][:200]}).") from e
     return lambda x: np.asarray(main(np.asarray(x, np.float32)))

@@ -269,5 +269,8 @@ def test_iree_compiles_the_packed_model_for_this_cpu_and_arm(target):
         want = np.asarray(model.apply(packed, x))
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # built for another CPU: loading it here is a clear error, not IREE's "device not found"
+        with pytest.raises(ValueError, match="compiled for another CPU"):
+            export.load_iree(vmfb)
     with pytest.raises(ValueError, match="unknown IREE target"):
         export.compile_iree(model, packed, x, target="pdp-11")
