@@ -96,8 +96,13 @@ def test_abcnet_convert_finetune_sweep_and_scratch(data_dir, tmp_path, capsys):
     assert {(s["num_weight_bases"], s["num_act_bases"]) for s in r["sweep"]} == {(1, 1), (1, 3), (3, 1), (3, 3)}
     assert "| M=3 |" in capsys.readouterr().out
     check(json.loads((tmp_path / "M3_N3" / "result.json").read_text()), tmp_path / "M3_N3", 1, "abcnet_finetune")
-    scratch = m.train_and_evaluate(dataclasses.replace(cfg, from_scratch=True, sweep=False, export=True),
-                                   str(tmp_path))
+
+
+def test_abcnet_from_scratch_exports(data_dir, tmp_path):
+    m = script("abcnet")
+    cfg = m.Config(data_dir=data_dir, epochs=1, num_weight_bases=2, num_act_bases=2, batch_size=32, progress=False,
+                   train_examples=64, test_examples=32, from_scratch=True, export=True)
+    scratch = m.train_and_evaluate(cfg, str(tmp_path))
     check(scratch, tmp_path / "scratch", 1, "abcnet_scratch")
     assert scratch["predictions_identical"] is True and (tmp_path / "scratch" / "model.stablehlo").exists()
 
@@ -132,8 +137,9 @@ NNX_CASES = [
 def test_every_script_runs_its_nnx_model_family(data_dir, tmp_path, name, kw, monkeypatch):
     monkeypatch.setattr(optim, "_warned_unclipped", True)  # larq_report trains unclipped, as published
     m = script(name)
+    small = {"train_examples": 64, "test_examples": 32}
     cfg = m.Config(data_dir=data_dir, api="nnx", progress=False, **({"dataset": "mnist"} if name == "xnornet" else {}),
-                   **kw)
+                   **{**small, **kw})
     r = m.train_and_evaluate(cfg, str(tmp_path))
     sub = tmp_path / "M3_N3" if name == "abcnet" else tmp_path
     result = json.loads((sub / "result.json").read_text())

@@ -178,28 +178,32 @@ def test_every_zoo_model_as_nnx_has_the_same_tags_and_summary(name):
 
 
 def test_zoo_load_nnx_equals_linen_trains_and_packs():
-    """QuickNet at 64x64 with random BatchNorm statistics: the NNX model's outputs equal the linen
-    model's, it takes an nnx.Optimizer step, and packs to the same predictions."""
+    """A two-section QuickNet (stem, binary blocks, a blur-pool transition) at 32x32 with random
+    BatchNorm statistics: the NNX model's outputs equal the linen model's, it takes an nnx.Optimizer
+    step, and packs to the same predictions."""
     import optax
     from flax import nnx
 
     from bnnjax import export
     from bnnjax import nnx as bnx
 
-    model, v = zoo.load("QuickNetSmall", input_shape=(64, 64, 3), num_classes=10, classifier_activation=None)
+    small = dict(input_shape=(32, 32, 3), num_classes=10, section_blocks=(1, 1), section_filters=(16, 32))
+    model, v = zoo.load("QuickNet", classifier_activation=None, **small)
     keys = iter(jax.random.split(jax.random.key(3), 256))
     v = {**v, "batch_stats": jax.tree.map(lambda a: jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=1.5),
                                           v["batch_stats"])}
     m = bnx.LinenModel(model, v)
-    x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     call = nnx.jit(lambda mm, a: mm(a))
     y = call(m, x)
     np.testing.assert_array_equal(y, jax.jit(model.apply)(v, x))
-    m2 = zoo.load("QuickNetSmall", input_shape=(64, 64, 3), num_classes=10, api="nnx")
+    m2 = zoo.load("QuickNet", api="nnx", **small)
     assert isinstance(m2, bnx.LinenModel) and m2.deterministic
     packed = export.pack(m, x)  # verified inside: same argmax, outputs within 1 %
     assert isinstance(packed, bnx.LinenModel)
-    assert isinstance(packed.linen_variables()["params"]["QuantConv_3"]["kernel"], bnnjax.packing.PackedKernel)
+    path, kernel = next((p, v) for p, v in nnx.to_flat_state(nnx.state(m, bnx.QuantParam)) if v.precision == 1)
+    layer = path[1]  # ("vars", <the binary conv>, "kernel")
+    assert isinstance(packed.linen_variables()["params"][layer]["kernel"], bnnjax.packing.PackedKernel)
     opt = nnx.Optimizer(m, optax.chain(optax.adam(1e-3), bnnjax.weight_clip(zoo.quicknet.CLIP_VALUE)), wrt=nnx.Param)
 
     @nnx.jit
@@ -207,9 +211,9 @@ def test_zoo_load_nnx_equals_linen_trains_and_packs():
         opt.update(mm, nnx.grad(lambda mm: -jax.nn.log_softmax(mm(x))[:, 0].mean())(mm))
 
     m.train()
-    before = np.asarray(m.vars["QuantConv_3"]["kernel"].get_value())
+    before = np.asarray(kernel.get_value())
     step(m, opt)
-    after = m.vars["QuantConv_3"]["kernel"].get_value()
+    after = m.vars[layer]["kernel"].get_value()
     assert not np.array_equal(before, after) and float(jnp.abs(after).max()) <= zoo.quicknet.CLIP_VALUE
     with pytest.raises(ValueError, match="api must be"):
         zoo.load("QuickNet", api="keras")
