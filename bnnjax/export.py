@@ -368,7 +368,7 @@ def compile_iree(model, packed=None, example_input=None, target: str = "host",
     instruction (SIGILL). Verified: ``"rpi4"`` modules run under qemu-user emulating a Cortex-A72
     with predictions identical to x86 (``experiments/check_arm.py``); ``"apple-m1"`` modules (armv8.4-a
     with dot product and fp16 instructions) run under qemu's ``max`` CPU with identical predictions and
-    die of SIGILL on a Cortex-A72; no real Pi 4 or M1 was at hand.
+    die of SIGILL on a Cortex-A72. Neither has been timed on the real boards (emulated timings mean nothing).
 
     Args:
       target: ``"host"`` (this machine), ``"x86-64"`` (x86-64-v3), ``"rpi4"`` (Raspberry Pi 4: aarch64

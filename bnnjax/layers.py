@@ -200,12 +200,39 @@ class BatchNorm(nn.BatchNorm):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         if not self.has_variable("batch_stats", "multiplier"):
+            train = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+            if train and mask is None and _lean_batch_norm(self, x):
+                return self._train(x)
             return super().__call__(x, use_running_average, mask=mask)
         if not nn.merge_param("use_running_average", self.use_running_average, use_running_average):
             raise ValueError(f"BatchNorm {'/'.join(self.path)}: its statistics are folded for inference "
                              "(bnnjax.export.pack); train on the variables from before pack().")
         return ops.folded_batch_norm(x, self.get_variable("batch_stats", "multiplier"),
                                      self.get_variable("batch_stats", "offset"), self.axis, self.dtype)
+
+    def _train(self, x):
+        # nn.BatchNorm's variables, created in its order; the arithmetic is ops.batch_norm's, whose
+        # backward pass keeps only x
+        features = {a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,))}
+        reduction = tuple(i for i in range(x.ndim) if i not in features)
+        shape = [x.shape[a] for a in sorted(features)]
+        bshape = tuple(d if i in features else 1 for i, d in enumerate(x.shape))
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        scale = self.param("scale", self.scale_init, shape, self.param_dtype).reshape(bshape) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, shape, self.param_dtype).reshape(bshape) if self.use_bias else None
+        y, mean, var = ops.batch_norm(x, scale, bias, reduction, self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+def _lean_batch_norm(bn, x) -> bool:
+    """Whether :func:`bnnjax.ops.batch_norm` computes this (linen or NNX) BatchNorm's training step: float32
+    throughout, Flax's fast variance, no cross-device axis name (one jit program over a mesh needs none)."""
+    return (x.dtype == jnp.float32 and bn.param_dtype == jnp.float32 and bn.dtype in (None, jnp.float32)
+            and bn.use_fast_variance and bn.axis_name is None and getattr(bn, "force_float32_reductions", True))
 
 
 def fold_batch_norm(module: nn.BatchNorm, params: dict, batch_stats: dict) -> dict:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 from flax import linen as nn
 
@@ -23,7 +24,8 @@ from bnnjax import _padding, packing, quantizers
 
 __all__ = ["conv_nd", "max_pool", "xnor_product", "binary_gradient_precision", "packed_training", "float_forward",
            "packed_dense", "packed_conv", "unpacked_kernel", "quant_dense", "quant_conv", "packs_dense", "packs_conv",
-           "abc_dense", "abc_conv", "abc_weight_bases", "abc_activation_bases", "abc_default_shifts", "folded_batch_norm",
+           "abc_dense", "abc_conv", "abc_weight_bases", "abc_activation_bases", "abc_default_shifts", "batch_norm", "relu",
+           "folded_batch_norm",
            "prelu", "flatten", "global_avg_pool", "activation"]
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
@@ -55,12 +57,15 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
     if pad_values != 0.0 and any(p != (0, 0) for p in pads):
         x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), constant_values=pad_values)
         pads = ((0, 0),) * n
+    if signs and n == 2 and feature_group_count == 1 and all(d == 1 for d in idil) and pad_values in (-1.0, 0.0, 1.0):
+        # ±1 operands on any backend: the input's bits are all the backward pass keeps
+        im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
+        y = xnor_product(x, kernel.reshape(-1, kernel.shape[-1]), im2col, precision, scaled)
+        return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
     if _use_patches_conv(x, kernel, idil, feature_group_count):
         im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
         k2 = kernel.reshape(-1, kernel.shape[-1])
-        if signs and im2col.packable and pad_values in (-1.0, 0.0, 1.0):
-            y = xnor_product(x, k2, im2col, precision, scaled)
-        elif k2.shape[0] <= _TAPS_MAX_K and x.dtype == jnp.float32:
+        if k2.shape[0] <= _TAPS_MAX_K and x.dtype == jnp.float32:
             y = _lhs_product(im2col, "taps_product", precision, x, k2)
         else:
             y = jnp.dot(im2col(x), k2, precision=precision)
@@ -69,15 +74,53 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
         # XLA:CPU's grouped convolution runs a 3x3 depthwise conv ~10x slower than the same work as
         # shifted inputs times per-channel kernel rows, which fuse into one elementwise loop
         im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
-        rows = kernel.reshape(-1, kernel.shape[-1])
-        y = None
-        for tap, row in zip(im2col.taps(x), rows):
-            y = tap * row if y is None else y + tap * row
-        return y
+        return _depthwise_taps(im2col, x, kernel.reshape(-1, kernel.shape[-1]))
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
     return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
                                         dimension_numbers=dn, feature_group_count=feature_group_count,
                                         precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _depthwise_taps(im2col, x, rows):
+    """A depthwise convolution as ``sum_t tap_t(x) * rows[t]`` (one elementwise loop).
+
+    Backward, for tap offsets ``o_t``, strides ``s`` and low padding ``lo``: ``drows[t] = sum(tap_t(x) g)``
+    and ``dx[i] = sum_t rows[t] G[i + lo - o_t]`` with ``G`` the output gradient dilated by ``s`` (zeros
+    between its entries): again shifted slices of one array, one elementwise loop. Autodiff of the
+    forward instead pads each tap's gradient to the input's size and holds all of them at once.
+    """
+    y = None
+    for tap, row in zip(im2col.taps(x), rows):
+        y = tap * row if y is None else y + tap * row
+    return y
+
+
+def _depthwise_taps_fwd(im2col, x, rows):
+    return _depthwise_taps(im2col, x, rows), (x, rows)
+
+
+def _depthwise_taps_bwd(im2col, res, g):
+    x, rows = res
+    x, g = jax.lax.optimization_barrier((x, g))  # nothing of the backward scheduled before g exists
+    drows = jnp.stack([jnp.sum(tap * g, axis=tuple(range(g.ndim - 1))) for tap in im2col.taps(x)])
+    offsets = [tuple(o * d for o, d in zip(offs, im2col.dilation)) for offs in np.ndindex(*im2col.kernel_spatial)]
+    top = [max(o[a] for o in offsets) for a in range(len(im2col.kernel_spatial))]
+    # gpad[k] = G[k - P] with P = top - lo, so that dx[i] reads gpad[i + top - o_t]
+    pads = [(0, 0, 0)]
+    for a, (lo, _) in enumerate(im2col.pads):
+        size, out, s = im2col.in_shape[1 + a], g.shape[1 + a], im2col.strides[a]
+        pads.append((top[a] - lo, size + lo - (out - 1) * s - 1, s - 1))
+    gpad = jax.lax.pad(g, jnp.zeros((), g.dtype), pads + [(0, 0, 0)])
+    dx = None
+    for o, row in zip(offsets, rows):
+        start = (0,) + tuple(t - v for t, v in zip(top, o)) + (0,)
+        part = jax.lax.dynamic_slice(gpad, start, x.shape) * row
+        dx = part if dx is None else dx + part
+    return dx.astype(x.dtype), drows.astype(rows.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
 # Contraction length up to which a CPU convolution sums shifted inputs instead of calling a dot.
@@ -146,12 +189,74 @@ class _Im2col:
                 row += 1
         return y.reshape(-1, kernel.shape[-1])
 
+    def packed_input(self, x):
+        """``x``'s sign bits (set where ``x < 0``) packed along channels and padded with clear bits (+1):
+        uint32 ``(N, H + pads, W + pads, words per pixel)``. What a ±1 convolution keeps for its backward
+        pass: 1/32 of ``x``, 1/taps of its patches."""
+        words = packing.pack_bits(x)
+        return jnp.pad(words, ((0, 0),) + self.pads + ((0, 0),)) if self.padded else words
+
+    def rows_from_input(self, words):
+        """:meth:`packed_rows` from :meth:`packed_input`'s words."""
+        rows = packing.extract_patches(words, self.kernel_spatial, self.strides, ((0, 0),) * 2, self.dilation)
+        return rows.reshape(-1, rows.shape[-1])
+
     def packed_rows(self, x):
         """The patches of ``x``'s sign bits (set where ``x < 0``): uint32 ``(M, taps * words per tap)``,
         each tap's channels packed into its own words; padded taps are clear bits (+1)."""
-        words = packing.extract_patches(packing.pack_bits(x), self.kernel_spatial, self.strides, self.pads,
-                                        self.dilation)
-        return words.reshape(-1, words.shape[-1])
+        return self.rows_from_input(self.packed_input(x))
+
+    def float_product(self, x, kernel, precision=None):
+        """``self(x) @ kernel`` as the backend's own convolution (GPUs, TPUs): float ``(M, N)``."""
+        n = len(self.kernel_spatial)
+        k = kernel.reshape(self.kernel_spatial + (self.in_shape[-1], kernel.shape[-1]))
+        dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DIMENSION_NUMBERS[n])
+        y = jax.lax.conv_general_dilated(x, k, self.strides, self.pads, rhs_dilation=self.dilation,
+                                         dimension_numbers=dn, precision=precision)
+        return y.reshape(-1, kernel.shape[-1])
+
+    def backward_from_bits(self, words, g, kernel, precision, bf16: bool):
+        """``(dx, dK)`` of ``self(x) @ kernel`` from :meth:`packed_input`'s words, one kernel tap at a time.
+
+        For tap ``t`` (offset ``o_t``): ``dK_t = A_t^T g`` with ``A_t`` the ±1 input under the tap (zero
+        at zero-padded positions), unpacked from the words straight into the ``(C, M)`` layout, and
+        ``dx[o_t + s p] += (g K_t^T)[p]``. A ``lax.scan`` over the taps keeps one tap's ``A_t`` and
+        ``g K_t^T`` (each the size of ``x`` or the output) alive instead of the 9x larger patches and
+        their gradient. ``bf16``: bfloat16 operands (exact ±1 and kernel signs, ``g`` rounded), float32
+        accumulation."""
+        n, (ho, wo), c = self.in_shape[0], self.out_spatial, self.in_shape[-1]
+        (sh, sw), (dh, dw) = self.strides, self.dilation
+        taps = int(np.prod(self.kernel_spatial))
+        k3 = kernel.reshape(taps, c, kernel.shape[-1])
+        dtype = jnp.bfloat16 if bf16 else g.dtype
+        # made once g exists: XLA would otherwise build every layer's kernel copy and zeroed dx early
+        # in the step and hold them all through the backward pass
+        probe = g[0, 0]
+        gd = g.astype(dtype)
+        k3d = _materialized(lambda: k3.astype(dtype), probe, k3.shape, dtype)
+        dot = lambda a, b: jnp.dot(a, b, precision=None if bf16 else precision, preferred_element_type=jnp.float32)
+        offsets = jnp.asarray([(i * dh, j * dw) for i, j in np.ndindex(*self.kernel_spatial)], jnp.int32)
+        valid = jnp.asarray(self._valid_taps()[:, 0, 0, :], dtype) if self.padded else None  # (taps, Ho*Wo)
+        window = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
+
+        def tap(dx, t):
+            start = (0, offsets[t, 0], offsets[t, 1], 0)
+            w = jax.lax.dynamic_slice(words, start, (n,) + window + (words.shape[-1],))[:, ::sh, ::sw, :]
+            a_t = packing.unpack_bits(w.reshape(-1, w.shape[-1]).T, c, dtype, axis=0)  # (C, M)
+            if valid is not None:
+                a_t = (a_t.reshape(c, n, ho * wo) * valid[t]).reshape(c, -1)
+            da = dot(gd, k3d[t].T).reshape(n, ho, wo, c)
+            if (sh, sw) != (1, 1):
+                da = jax.lax.pad(da, jnp.zeros((), da.dtype), ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0)))
+            dx = jax.lax.dynamic_update_slice(dx, jax.lax.dynamic_slice(dx, start, da.shape) + da, start)
+            return dx, dot(a_t, gd)
+
+        shape = words.shape[:3] + (c,)
+        dx0 = _materialized(lambda: jnp.zeros(shape, jnp.float32), probe, shape, jnp.float32)
+        dx, dk = jax.lax.scan(tap, dx0, jnp.arange(taps))
+        (lo_h, _), (lo_w, _) = self.pads
+        dx = dx[:, lo_h:lo_h + self.in_shape[1], lo_w:lo_w + self.in_shape[2]]
+        return dx, dk.reshape(taps * c, -1)
 
     def packed_product(self, rows, kernel):
         """``self(x) @ kernel`` for a ±1 kernel ``(K, N)`` from ``rows = packed_rows(x)``; zero padding
@@ -209,8 +314,32 @@ class _Rows:
     def __call__(self, x):
         return x.reshape(-1, self.in_shape[-1])
 
-    def packed_rows(self, x):
+    def packed_input(self, x):
         return packing.pack_bits(self(x))
+
+    def rows_from_input(self, words):
+        return words
+
+    def packed_rows(self, x):
+        return self.packed_input(x)
+
+    def float_product(self, x, kernel, precision=None):
+        return jnp.dot(self(x), kernel, precision=precision)
+
+    def backward_from_bits(self, rows, g, kernel, precision, bf16: bool):
+        """``(dx, dK)`` of ``x @ kernel`` from ``x``'s packed rows: ``dx = g K^T``, ``dK = A^T g`` with
+        ``A^T`` unpacked from the rows straight into its transposed layout (a row-major dot operand)."""
+        if bf16:
+            # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
+            # products accumulated in float32: TPU's default matmul numerics
+            g16 = g.astype(jnp.bfloat16)
+            kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
+            da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
+            dk = jnp.dot(self.unpacked_transposed(rows, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
+        else:
+            da = jnp.dot(g, kernel.T, precision=precision)
+            dk = jnp.dot(self.unpacked_transposed(rows, g.dtype), g, precision=precision)
+        return da.reshape(self.in_shape), dk
 
     def packed_product(self, rows, kernel):
         return self.product_of_words(rows, packing.pack_bits(kernel.T), kernel.shape[0])
@@ -234,9 +363,10 @@ def packed_training() -> bool:
 
 
 def float_forward():
-    """Trace ±1 layers with their plain float products (no packed training forward) inside this block:
-    the reference computation, for comparisons and benchmarks. Latent-kernel layers only; a packed
-    kernel from ``bnnjax.export.pack`` always runs packed.
+    """Trace ±1 layers with their plain float products and float residuals (no packed training forward,
+    no bit residuals) inside this block: the reference computation, what Larq keeps, for comparisons
+    and benchmarks. Latent-kernel layers only; a packed kernel from ``bnnjax.export.pack`` always runs
+    packed.
 
     The setting is part of ``jax.jit``'s cache key: a function compiled outside the block is traced
     and compiled again inside it (and the reverse), never silently reused.
@@ -283,6 +413,8 @@ def xnor_product(x, kernel, lhs=None, precision=None, scaled=False):
     product; the straight-through gradients come from the quantizers.
     """
     lhs = _Rows(tuple(x.shape)) if lhs is None else lhs
+    if not packed_training():  # GPUs, TPUs: their own float product, the same bits kept for the backward
+        return _lhs_product(lhs, "float_product", precision, x, kernel)
     return _lhs_product(lhs, "scaled_packed_product" if scaled else "packed_product", precision, x, kernel)
 
 
@@ -295,16 +427,22 @@ def _lhs_product(lhs, forward, precision, x, kernel):
 
 
 def _lhs_forward(lhs, forward, x, kernel):
-    """The product and what the backward pass needs of ``A = lhs(x)``: ``x`` itself, or for the packed
-    forms ``A``'s packed rows (32x smaller than the float patches)."""
+    """The product and what the backward pass needs of ``A = lhs(x)``: ``x`` itself (``"taps_product"``,
+    a real input), else ``x``'s packed sign bits (``lhs.packed_input``: 1/32 of ``x``), named
+    ``"bnnjax_bits"``. The product is XNOR-popcount on those bits (``"packed_product"``,
+    ``"scaled_packed_product"``) or the backend's float product of the ±1 values (``"float_product"``:
+    GPUs, TPUs)."""
     if forward == "taps_product":
         return lhs.taps_product(x, kernel), x
-    rows = lhs.packed_rows(x)
+    bits = checkpoint_name(lhs.packed_input(x), "bnnjax_bits")
+    if forward == "float_product":
+        return lhs.float_product(x, kernel), bits
+    rows = lhs.rows_from_input(bits)
     if forward == "scaled_packed_product":
         # every entry of a column has the column's scale as its magnitude
         signs = jnp.where(kernel < 0, -1.0, 1.0).astype(kernel.dtype)
-        return lhs.packed_product(rows, signs) * jnp.abs(kernel[0]), rows
-    return lhs.packed_product(rows, kernel), rows
+        return lhs.packed_product(rows, signs) * jnp.abs(kernel[0]), bits
+    return lhs.packed_product(rows, kernel), bits
 
 
 def _lhs_product_fwd(lhs, forward, precision, x, kernel):
@@ -339,22 +477,17 @@ def _materialized(fn, probe, shape, dtype):
 
 def _lhs_product_bwd(lhs, forward, precision, res, g):
     a_res, kernel, x_dtype = res
-    packed = forward != "taps_product"
     g = g.astype(x_dtype.dtype)
-    if packed and _bfloat16_gradients(precision) and x_dtype.dtype == jnp.float32:
-        # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
-        # products accumulated in float32: TPU's default matmul numerics
-        g16 = g.astype(jnp.bfloat16)
-        kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
-        da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
-        dk = jnp.dot(lhs.unpacked_transposed(a_res, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
-    else:
+    if forward == "taps_product":  # a real input, kept as it is
         da = jnp.dot(g, kernel.T, precision=precision)
-        a_t = lhs.unpacked_transposed(a_res, g.dtype) if packed else lhs(a_res).T
-        dk = jnp.dot(a_t, g, precision=precision)
-    # unused when x is the model's input: XLA drops it
-    dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x_dtype.dtype))(da)
-    return dx, dk.astype(kernel.dtype)
+        dk = jnp.dot(lhs(a_res).T, g, precision=precision)
+        # unused when x is the model's input: XLA drops it
+        dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x_dtype.dtype))(da)
+        return dx, dk.astype(kernel.dtype)
+    # bfloat16 operands where the forward pass is packed (CPU); accelerators keep their own precision
+    bf16 = forward != "float_product" and _bfloat16_gradients(precision) and x_dtype.dtype == jnp.float32
+    dx, dk = lhs.backward_from_bits(a_res, g, kernel, precision, bf16)
+    return dx.astype(x_dtype.dtype), dk.astype(kernel.dtype)
 
 
 _lhs_product.defvjp(_lhs_product_fwd, _lhs_product_bwd)
@@ -371,9 +504,53 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
     """
     strides = tuple(window_shape) if strides is None else tuple(strides)
     window_shape = tuple(window_shape)
-    if padding != "VALID" or strides != window_shape:
-        return nn.max_pool(x, window_shape, strides, padding)
-    return _window_max(x, window_shape)
+    if padding == "VALID" and strides == window_shape:
+        return _window_max(x, window_shape)
+    if padding == "VALID" and len(strides) == len(window_shape):
+        return _strided_max(x, window_shape, strides)
+    return nn.max_pool(x, window_shape, strides, padding)
+
+
+def _offset_slices(x, window, strides, out):
+    """For each window offset (row-major), the strided slice of ``x`` holding that offset of every window."""
+    n = len(window)
+    for offs in np.ndindex(*window):
+        index = (slice(None),) + tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offs, out, strides))
+        yield offs, x[index + (slice(None),) * (x.ndim - 1 - n)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _strided_max(x, window, strides):
+    return _strided_max_fwd(x, window, strides)[0]
+
+
+def _strided_max_fwd(x, window, strides):
+    """Overlapping (or gapped) VALID windows, e.g. QuickNet's 2x2 stride-1 pool: an elementwise maximum over
+    the window offsets' strided slices; the backward keeps ``x`` and ``y``, where select-and-scatter's
+    transpose on XLA:CPU keeps four int32 indices per output."""
+    out = tuple((d - w) // s + 1 for d, w, s in zip(x.shape[1:], window, strides))
+    y = None
+    for _, v in _offset_slices(x, window, strides, out):
+        y = v if y is None else jnp.maximum(y, v)
+    return y, (x, y)
+
+
+def _strided_max_bwd(window, strides, res, g):
+    x, y = res
+    out = y.shape[1:1 + len(window)]
+    seen, gx = None, None
+    for offs, v in _offset_slices(x, window, strides, out):
+        hit = v == y
+        first = hit if seen is None else hit & ~seen  # the first maximum of each window, row-major
+        seen = hit if seen is None else seen | hit
+        part = jnp.where(first, g, jnp.zeros((), g.dtype))
+        pads = [(0, 0, 0)] + [(o, d - o - (m - 1) * s - 1, s - 1) for o, d, m, s in zip(offs, x.shape[1:], out, strides)]
+        part = jax.lax.pad(part, jnp.zeros((), g.dtype), pads + [(0, 0, 0)] * (x.ndim - len(pads)))
+        gx = part if gx is None else gx + part
+    return (gx,)
+
+
+_strided_max.defvjp(_strided_max_fwd, _strided_max_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -546,8 +723,9 @@ def packs_conv(input_quantizer, kernel_quantizer, *, rank: int, feature_group_co
 
 
 def _sign_operands(qi, qk, x) -> bool:
-    """±1 operands in float32 on CPU: the forward pass runs on packed bits (:func:`xnor_product`)."""
-    return packs_dense(qi, qk) and x.dtype == jnp.float32 and packed_training()
+    """±1 operands in float32 outside :func:`float_forward`: :func:`xnor_product` computes the product
+    (on packed bits on CPU) and keeps only the input's sign bits for the backward pass."""
+    return packs_dense(qi, qk) and x.dtype == jnp.float32 and not _FLOAT_FORWARD.value
 
 
 def _quantize(q, x, key):
@@ -593,7 +771,7 @@ def quant_dense(x, kernel, bias=None, *, input_quantizer=None, kernel_quantizer=
       x: ``(..., in_features)``.
       kernel: the latent kernel ``(in_features, out_features)`` or a ``PackedKernel``.
       bias: ``(out_features,)`` or None.
-      input_quantizer, kernel_quantizer: names, callables or ``Quantizer``s (None: full precision).
+      input_quantizer, kernel_quantizer: names, callables or ``Quantizer`` objects (None: full precision).
       precision: ``jax.lax.Precision`` of the dot.
       dtype: computation dtype (None: promote the operands').
       rng: PRNG key for stochastic quantizers (None: their deterministic evaluation form).
@@ -772,6 +950,86 @@ def abc_conv(x, kernel, bias=None, shift=None, beta=None, *, strides=1, padding=
     return _abc(x, kernel, bias, shift, beta, num_weight_bases, dtype, conv, packed)
 
 
+def batch_norm(x, scale, bias, reduction_axes: tuple[int, ...], epsilon: float):
+    """BatchNorm in training mode, whose backward pass keeps only its input: ``(y, mean, var)``.
+
+    Forward (Flax's ``BatchNorm``, bit for bit): ``mean = E[x]``, ``var = max(0, E[x^2] - mean^2)``
+    over ``reduction_axes``, ``y = (x - mean) * (scale / sqrt(var + epsilon)) + bias``.
+    Backward, with ``r = 1 / sqrt(var + epsilon)``, ``x_hat = (x - mean) r`` and means over the reduced
+    axes: ``dbias = sum(g)``, ``dscale = sum(g x_hat)``, ``dx = scale r (g - E[g] - x_hat E[g x_hat])``
+    (plus the terms of cotangents of ``mean`` and ``var``). Autodiff of the forward would keep
+    ``x - mean`` and ``(x - mean) r`` besides ``x``: three float arrays per element where one suffices.
+
+    Args:
+      x: float32 input.
+      scale, bias: arrays broadcastable to ``x`` (shape 1 along ``reduction_axes``), or None.
+      reduction_axes: the axes the statistics reduce over (all but the feature axes).
+      epsilon: added to the variance.
+
+    Returns:
+      ``y`` and the batch ``mean`` and ``var`` (shape of ``x`` without ``reduction_axes``).
+    """
+    scale = jnp.ones((), x.dtype) if scale is None else scale
+    bias = jnp.zeros((), x.dtype) if bias is None else bias
+    return _batch_norm(tuple(sorted(a % x.ndim for a in reduction_axes)), float(epsilon), x, scale, bias)
+
+
+def _batch_norm_stats(axes, x):
+    mu, mu2 = x.mean(axes), jax.lax.square(x).mean(axes)
+    return mu, mu2 - jax.lax.square(mu)
+
+
+def _batch_norm_y(axes, epsilon, x, mean, var, scale, bias):
+    mul = jax.lax.rsqrt(jnp.expand_dims(var, axes) + epsilon) * scale
+    return (x - jnp.expand_dims(mean, axes)) * mul + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _batch_norm(axes, epsilon, x, scale, bias):
+    mean, raw_var = _batch_norm_stats(axes, x)
+    var = jnp.maximum(0.0, raw_var)
+    return _batch_norm_y(axes, epsilon, x, mean, var, scale, bias), mean, var
+
+
+def _batch_norm_fwd(axes, epsilon, x, scale, bias):
+    mean, raw_var = _batch_norm_stats(axes, x)
+    var = jnp.maximum(0.0, raw_var)
+    y = _batch_norm_y(axes, epsilon, x, mean, var, scale, bias)
+    return (y, mean, var), (_kept(x), mean, raw_var, scale, bias)
+
+
+def _kept(x):
+    """``x`` as the backward pass must read it: XLA otherwise fuses ``x``'s elementwise producers (a
+    ReLU, the int32-to-float conversion of a popcount product) into the backward's loops and keeps
+    their inputs alive as well, two arrays per element instead of one."""
+    return jax.lax.optimization_barrier(x)
+
+
+def _batch_norm_bwd(axes, epsilon, res, cotangents):
+    x, mean, raw_var, scale, bias = res
+    g, g_mean, g_var = cotangents
+    var = jnp.maximum(0.0, raw_var)
+    n = np.prod([x.shape[a] for a in axes])
+    ex = lambda v: jnp.expand_dims(v, axes)  # noqa: E731
+    r = jax.lax.rsqrt(var + epsilon)
+    # Only sums of g and g x, then one loop over g and x: no full-size array that depends on x alone,
+    # which XLA would compute early in the step and hold (x_hat is a second float per element)
+    g_sum = jnp.sum(g, axes)
+    gc_sum = jnp.sum(g * x, axes) - mean * g_sum  # sum(g (x - mean))
+    live = raw_var > 0  # var clipped at 0: no gradient through it
+    k1 = ex(r) * scale
+    k2 = ex(jnp.where(live, r ** 3 * gc_sum / n, 0.0)) * scale
+    k3 = ex(jnp.where(live, 2 * g_var / n, 0.0))
+    dx = k1 * g - k1 * ex(g_sum / n) + (k3 - k2) * (x - ex(mean)) + ex(g_mean / n)
+    # scale and bias have x's rank with 1 along the reduced axes, or are the scalars batch_norm put in
+    dscale = ex(r * gc_sum).reshape(scale.shape) if scale.ndim else jnp.sum(r * gc_sum)
+    dbias = ex(g_sum).reshape(bias.shape) if bias.ndim else jnp.sum(g_sum)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 def folded_batch_norm(x, multiplier, offset, axis=-1, dtype=None):
     """A BatchNorm folded for inference: ``y = x * a + b`` with ``a``, ``b`` per feature along ``axis``
     (``a = scale / sqrt(var + eps)``, ``b = bias - mean * a``: LCE's multiplier and offset)."""
@@ -779,6 +1037,28 @@ def folded_batch_norm(x, multiplier, offset, axis=-1, dtype=None):
     shape = tuple(d if i in axes else 1 for i, d in enumerate(x.shape))
     y = x * multiplier.reshape(shape) + offset.reshape(shape)
     return y if dtype is None else y.astype(dtype)
+
+
+@jax.custom_vjp
+def relu(x):
+    """``max(x, 0)`` whose backward keeps its output: ``dx = g * (y > 0)`` (``jax.nn.relu``'s gradient).
+
+    ``jax.nn.relu`` keeps its input for the mask; where a BatchNorm keeps the ReLU's output too (a
+    binary block's ``BatchNorm(relu(conv(x)))``), that is two float arrays per element instead of one.
+    """
+    return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+    y = jnp.maximum(x, 0)
+    return y, _kept(y)
+
+
+def _relu_bwd(y, g):
+    return (jnp.where(y > 0, g, jnp.zeros((), g.dtype)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 def prelu(x, alpha):

@@ -18,6 +18,7 @@ import inspect
 from typing import Any, Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 __all__ = [
@@ -44,6 +45,24 @@ def _clip_mask(g, x, clip_value):
     return jnp.where(jnp.abs(x) <= clip_value, g, jnp.zeros_like(g))
 
 
+def _mask_residual(x, clip_value):
+    """What a clipped STE's backward needs of ``x``: ``|x| <= clip_value``, 1 bit per element (packed
+    along the last axis; ``jnp.packbits``), named ``"bnnjax_bits"`` for ``jax.checkpoint`` policies.
+    None without clipping."""
+    if clip_value is None:
+        return None
+    inside = jnp.abs(x) <= clip_value
+    bits = jnp.packbits(inside, axis=-1) if x.ndim else inside
+    return checkpoint_name(bits, "bnnjax_bits")
+
+
+def _apply_mask(g, mask, clip_value):
+    if clip_value is None:
+        return g
+    inside = jnp.unpackbits(mask, axis=-1, count=g.shape[-1]).astype(bool) if g.ndim else mask
+    return jnp.where(inside, g, jnp.zeros_like(g))
+
+
 def _as_float(x):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -59,11 +78,11 @@ def _ste_sign(x, clip_value):
 
 
 def _ste_sign_fwd(x, clip_value):
-    return _sign(x), x
+    return _sign(x), _mask_residual(x, clip_value)
 
 
-def _ste_sign_bwd(clip_value, x, g):
-    return (_clip_mask(g, x, clip_value),)
+def _ste_sign_bwd(clip_value, mask, g):
+    return (_apply_mask(g, mask, clip_value),)
 
 
 _ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
@@ -174,7 +193,7 @@ def _ste_heaviside(x, clip_value):
 
 
 def _ste_heaviside_fwd(x, clip_value):
-    return _ste_heaviside(x, clip_value), x
+    return _ste_heaviside(x, clip_value), _mask_residual(x, clip_value)
 
 
 _ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_sign_bwd)

@@ -1,3 +1,6 @@
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ from flax import linen as nn
 import bnnjax
 from bnnjax import layers as L
 from bnnjax import ops
+from bnnjax import packing
 from bnnjax import quantizers as q
 
 KEY = jax.random.key(0)
@@ -213,6 +217,35 @@ def test_batch_norm_is_flax_batch_norm_and_folds(axis, use_scale, use_bias):
         ours.apply(folded, x, use_running_average=False)
 
 
+@pytest.mark.parametrize("axis,use_scale,use_bias", [(-1, True, True), (-1, False, True), (1, True, False)])
+def test_batch_norm_training_gradients_equal_flax_and_keep_only_the_input(axis, use_scale, use_bias):
+    """The training step's gradients equal ``nn.BatchNorm``'s autodiff (to float rounding) while its
+    backward pass keeps one float array the size of ``x`` (autodiff keeps three)."""
+    kw = dict(axis=axis, use_scale=use_scale, use_bias=use_bias, epsilon=1e-3, momentum=0.9)
+    x = jax.random.normal(KEY, (4, 5, 6)) * 3 + 1
+    w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+    v = _random_stats(L.BatchNorm(**kw).init(KEY, x, use_running_average=False))
+    params = v.get("params", {})
+
+    def loss(bn):
+        def f(p, x):
+            y, upd = bn.apply({**v, "params": p}, x, use_running_average=False, mutable=["batch_stats"])
+            return jnp.sum(y * w) + jnp.sum(jnp.sin(upd["batch_stats"]["mean"]))  # not differentiated
+        return f
+
+    got, want = (jax.grad(loss(bn), argnums=(0, 1))(params, x) for bn in (L.BatchNorm(**kw), nn.BatchNorm(**kw)))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    def saved(bn):  # residuals of x's size besides x itself (an argument)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(loss(bn), params, x)
+        return [r for r in out.getvalue().splitlines() if r.startswith("f32[4,5,6]") and "output of" in r]
+
+    ours = saved(L.BatchNorm(**kw))  # x itself, through an optimization barrier (no copy)
+    assert len(ours) == 1 and "optimization_barrier" in ours[0] and len(saved(nn.BatchNorm(**kw))) >= 2
+
+
 PACKED_CASES = [
     (L.QuantDense(6, **BIN), (4, 3, 37)),
     (L.QuantDense(5, **BIN), (1, 64)),
@@ -255,6 +288,25 @@ def test_packed_forward_training_path_equals_float_path(layer, shape):
         np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         # same float32 products summed in another order (the packed path's A^T g is a row-major dot)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("layer,shape", PACKED_CASES)
+def test_accelerator_path_keeps_bits_and_equals_float_path(layer, shape, monkeypatch):
+    """On GPUs/TPUs (here: the backend kernel reported as ``"int8"``) ±1 layers run the backend's float
+    product but keep only the input's sign bits for the backward pass: values and gradients equal
+    ``float_forward()``'s (float residuals), with no popcount in the program."""
+    monkeypatch.setattr(packing, "backend_kernel", lambda backend=None: "int8")
+    x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
+    v = layer.init(jax.random.key(1), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: layer.apply({"params": p}, x).sum()))(v["params"]))
+    assert "population_count" not in jaxpr and "shift_right_logical" in jaxpr  # unpacks saved bits
+    with jax.default_matmul_precision("float32"):
+        y, g = _loss_and_grads(layer, v, x)
+        with ops.float_forward():
+            y_ref, g_ref = _loss_and_grads(layer, v, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
 

@@ -10,17 +10,22 @@ from bnnjax import ops
 KEY = jax.random.key(0)
 
 
-@pytest.mark.parametrize("shape,window", [((2, 6, 6, 3), (2, 2)), ((1, 7, 5, 2), (2, 2)), ((2, 9, 3), (3,)),
-                                          ((1, 6, 9, 2), (3, 3))])
-def test_fast_max_pool_matches_flax_values_and_first_max_gradient(shape, window):
+@pytest.mark.parametrize("shape,window,strides", [((2, 6, 6, 3), (2, 2), None), ((1, 7, 5, 2), (2, 2), None),
+                                                  ((2, 9, 3), (3,), None), ((1, 6, 9, 2), (3, 3), None),
+                                                  ((2, 7, 6, 3), (2, 2), (1, 1)), ((1, 9, 8, 2), (3, 3), (2, 2)),
+                                                  ((1, 8, 7, 2), (2, 3), (3, 1)), ((2, 9, 3), (2,), (1,))])
+def test_fast_max_pool_matches_flax_values_and_first_max_gradient(shape, window, strides):
+    """Non-overlapping, overlapping (QuickNet's 2x2 stride 1) and gapped windows: nn.max_pool's values and
+    its gradient (to the first maximum of each window, summed over windows) on inputs full of ties."""
     x = jnp.asarray(np.random.default_rng(0).integers(-3, 3, shape).astype(np.float32))  # ties everywhere
-    y = ops.max_pool(x, window)
-    np.testing.assert_array_equal(y, nn.max_pool(x, window, window))
-    g = jax.random.normal(KEY, y.shape)
-    ours = jax.vjp(lambda v: ops.max_pool(v, window), x)[1](g)[0]
-    flax_grad = jax.vjp(lambda v: nn.max_pool(v, window, window), x)[1](g)[0]
+    y = ops.max_pool(x, window, strides)
+    np.testing.assert_array_equal(y, nn.max_pool(x, window, strides or window))
+    g = jnp.asarray(np.random.default_rng(1).integers(-50, 50, y.shape).astype(np.float32))  # exact sums
+    ours = jax.vjp(lambda v: ops.max_pool(v, window, strides), x)[1](g)[0]
+    flax_grad = jax.vjp(lambda v: nn.max_pool(v, window, strides or window), x)[1](g)[0]
     np.testing.assert_array_equal(ours, flax_grad)
-    assert L.MaxPool(window).apply({}, x).shape == y.shape
+    assert "select_and_scatter" not in str(jax.make_jaxpr(jax.grad(lambda v: ops.max_pool(v, window, strides).sum()))(x))
+    assert L.MaxPool(window, strides).apply({}, x).shape == y.shape
 
 
 @pytest.mark.parametrize("order", ["float_after_packed", "packed_after_float"])
@@ -41,3 +46,31 @@ def test_float_forward_is_part_of_the_jit_cache_key(order):
             assert not packed()
         assert packed()
     np.testing.assert_array_equal(f(v, x), jax.jit(layer.apply)(v, x))
+
+
+@pytest.mark.parametrize("shape,kernel_size,strides,padding,dilation", [
+    ((2, 7, 6, 3), (3, 3), (1, 1), "SAME", (1, 1)),
+    ((1, 8, 9, 4), (3, 3), (2, 2), "SAME", (1, 1)),   # QuickNet's stem and blur pool
+    ((2, 9, 7, 2), (3, 2), (2, 1), "VALID", (1, 1)),
+    ((1, 9, 9, 3), (3, 3), (1, 2), ((2, 0), (1, 3)), (2, 1)),
+    ((1, 5, 6, 2), (2, 2), (3, 3), "SAME", (1, 1)),
+])
+def test_depthwise_taps_match_grouped_convolution_values_and_gradients(shape, kernel_size, strides, padding,
+                                                                       dilation):
+    """The depthwise shifted-taps convolution and its hand-written backward equal XLA's grouped
+    convolution and its autodiff (strides, dilation, asymmetric padding, kernels wider than strides)."""
+    x = jax.random.normal(KEY, shape)
+    c = shape[-1]
+    k = jax.random.normal(jax.random.key(1), kernel_size + (1, c))
+    kw = dict(strides=strides, padding=padding, kernel_dilation=dilation, feature_group_count=c)
+    ours = lambda x, k: ops.conv_nd(x, k, **kw)
+    pads = padding if isinstance(padding, str) else tuple(padding)
+    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, rhs_dilation=dilation,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                    feature_group_count=c, precision="highest")
+    y = ours(x, k)
+    np.testing.assert_allclose(y, ref(x, k), rtol=1e-5, atol=1e-5)
+    w = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    g, g_ref = (jax.grad(lambda x, k: jnp.sum(f(x, k) * w), argnums=(0, 1))(x, k) for f in (ours, ref))
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

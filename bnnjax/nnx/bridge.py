@@ -43,7 +43,7 @@ def _collection(var) -> str:
 
 def to_nnx_variables(variables: dict) -> dict:
     """Linen variables (``{"params": ..., "batch_stats": ...}``) as one nested dict of NNX variables by
-    module path; collections become variable types and linen ``QuantParam`` boxes ``QuantParam``s.
+    module path; collections become variable types and linen ``QuantParam`` boxes ``QuantParam`` variables.
 
     Raises:
       ValueError: two collections hold a variable at the same path (NNX has one namespace).

@@ -260,11 +260,26 @@ class BatchNorm(nnx.BatchNorm):
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         if getattr(self, "multiplier", None) is None:
+            running = self.use_running_average if use_running_average is None else use_running_average
+            if running is False and mask is None and _linen._lean_batch_norm(self, x):
+                return self._train(x)
             return super().__call__(x, use_running_average, mask=mask)
         if not (self.use_running_average if use_running_average is None else use_running_average):
             raise ValueError("this BatchNorm's statistics are folded for inference (bnnjax.export.pack); call "
                              "model.eval() on the packed model, and train the model from before pack().")
         return ops.folded_batch_norm(x, self.multiplier.get_value(), self.offset.get_value(), self.axis, self.dtype)
+
+    def _train(self, x):
+        # nnx.BatchNorm's training step with ops.batch_norm's arithmetic, whose backward keeps only x
+        features = {a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,))}
+        reduction = tuple(i for i in range(x.ndim) if i not in features)
+        bshape = tuple(d if i in features else 1 for i, d in enumerate(x.shape))
+        scale = None if self.scale is None else self.scale[...].reshape(bshape)
+        bias = None if self.bias is None else self.bias[...].reshape(bshape)
+        y, mean, var = ops.batch_norm(x, scale, bias, reduction, self.epsilon)
+        self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = jax.lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
+        return y
 
 
 def keras_batch_norm(num_features: int, *, use_scale: bool = True, use_bias: bool = True, momentum: float = 0.99,

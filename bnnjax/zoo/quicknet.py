@@ -16,7 +16,7 @@ from typing import Sequence
 
 from flax import linen as nn
 
-from bnnjax import quantizers
+from bnnjax import ops, quantizers
 from bnnjax.layers import FixedDepthwiseConv2D, QuantConv, QuantDense, QuantDepthwiseConv2D, keras_batch_norm
 from bnnjax.zoo._base import classifier_activation, global_pool, release
 
@@ -47,7 +47,7 @@ class QuickNet(nn.Module):
 
     def _stem(self, x, filters: int, train: bool):
         x = QuantConv(filters // 4, (3, 3), strides=2, padding="SAME", use_bias=False, kernel_init=_he)(x)
-        x = nn.relu(keras_batch_norm(train)(x))
+        x = ops.relu(keras_batch_norm(train)(x))
         x = QuantDepthwiseConv2D((3, 3), strides=2, padding="SAME", use_bias=False,
                                  kernel_init=nn.initializers.glorot_uniform())(x)
         x = keras_batch_norm(train, use_scale=False, use_bias=False)(x)
@@ -58,11 +58,11 @@ class QuickNet(nn.Module):
         sign = quantizers.SteSign(clip_value=CLIP_VALUE)
         y = QuantConv(x.shape[-1], (3, 3), padding="SAME", pad_values=1.0, input_quantizer=sign,
                       kernel_quantizer=sign, use_bias=False, kernel_init=_glorot)(x)
-        y = keras_batch_norm(train, momentum=0.9, epsilon=1e-5)(nn.relu(y))
+        y = keras_batch_norm(train, momentum=0.9, epsilon=1e-5)(ops.relu(y))
         return y + x
 
     def _transition_block(self, x, filters: int, strides: int, train: bool):
-        x = nn.max_pool(nn.relu(x), (strides, strides), (1, 1))
+        x = ops.max_pool(ops.relu(x), (strides, strides), (1, 1))
         x = FixedDepthwiseConv2D((3, 3), strides=strides, padding="SAME")(x)
         x = QuantConv(filters, (1, 1), use_bias=False, kernel_init=_glorot)(x)
         return keras_batch_norm(train, momentum=0.9, epsilon=1e-5)(x)
@@ -80,7 +80,7 @@ class QuickNet(nn.Module):
                 x = self._residual_block(x, train)
         if not self.include_top:
             return x
-        x = global_pool(nn.relu(x))
+        x = global_pool(ops.relu(x))
         x = QuantDense(self.num_classes, kernel_init=_glorot)(x)
         return classifier_activation(x, self.classifier_activation)
 
