@@ -222,11 +222,14 @@ class _Im2col:
         at zero-padded positions), unpacked from the words straight into the ``(C, M)`` layout, and
         ``dx[o_t + s p] += (g K_t^T)[p]``. A ``lax.scan`` over the taps keeps one tap's ``A_t`` and
         ``g K_t^T`` (each the size of ``x`` or the output) alive instead of the 9x larger patches and
-        their gradient. ``bf16``: bfloat16 operands (exact ±1 and kernel signs, ``g`` rounded), float32
+        their gradient. Patches of up to ``_WHOLE_PATCHES_MAX_BYTES`` as floats take
+        :func:`_backward_from_rows` instead: two dots, faster where memory is no concern. ``bf16``: bfloat16 operands (exact ±1 and kernel signs, ``g`` rounded), float32
         accumulation."""
         n, (ho, wo), c = self.in_shape[0], self.out_spatial, self.in_shape[-1]
-        (sh, sw), (dh, dw) = self.strides, self.dilation
         taps = int(np.prod(self.kernel_spatial))
+        if n * ho * wo * taps * c * 4 <= _WHOLE_PATCHES_MAX_BYTES:  # small: one dot per operand is faster
+            return _backward_from_rows(self, self.rows_from_input(words), g, kernel, precision, bf16)
+        (sh, sw), (dh, dw) = self.strides, self.dilation
         k3 = kernel.reshape(taps, c, kernel.shape[-1])
         dtype = jnp.bfloat16 if bf16 else g.dtype
         # made once g exists: XLA would otherwise build every layer's kernel copy and zeroed dx early
@@ -327,19 +330,7 @@ class _Rows:
         return jnp.dot(self(x), kernel, precision=precision)
 
     def backward_from_bits(self, rows, g, kernel, precision, bf16: bool):
-        """``(dx, dK)`` of ``x @ kernel`` from ``x``'s packed rows: ``dx = g K^T``, ``dK = A^T g`` with
-        ``A^T`` unpacked from the rows straight into its transposed layout (a row-major dot operand)."""
-        if bf16:
-            # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
-            # products accumulated in float32: TPU's default matmul numerics
-            g16 = g.astype(jnp.bfloat16)
-            kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
-            da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
-            dk = jnp.dot(self.unpacked_transposed(rows, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
-        else:
-            da = jnp.dot(g, kernel.T, precision=precision)
-            dk = jnp.dot(self.unpacked_transposed(rows, g.dtype), g, precision=precision)
-        return da.reshape(self.in_shape), dk
+        return _backward_from_rows(self, rows, g, kernel, precision, bf16)
 
     def packed_product(self, rows, kernel):
         return self.product_of_words(rows, packing.pack_bits(kernel.T), kernel.shape[0])
@@ -349,6 +340,29 @@ class _Rows:
 
     def unpacked_transposed(self, rows, dtype):
         return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
+
+
+# Float patches up to this size are unpacked whole for the backward pass (two dots: fast); larger ones,
+# e.g. QuickNet's 56x56x64 blocks (231 MB at batch 32), one kernel tap at a time (memory: 1/taps).
+_WHOLE_PATCHES_MAX_BYTES = 16 * 2**20
+
+
+def _backward_from_rows(lhs, rows, g, kernel, precision, bf16: bool):
+    """``(dx, dK)`` of ``lhs(x) @ kernel`` from ``x``'s packed rows: ``dK = A^T g`` with ``A^T`` unpacked
+    from the rows straight into its transposed layout (a row-major dot operand), ``dx`` the transpose of
+    ``lhs`` applied to ``g K^T``."""
+    if bf16:
+        # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
+        # products accumulated in float32: TPU's default matmul numerics
+        g16 = g.astype(jnp.bfloat16)
+        kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
+        da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
+        dk = jnp.dot(lhs.unpacked_transposed(rows, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
+    else:
+        da = jnp.dot(g, kernel.T, precision=precision)
+        dk = jnp.dot(lhs.unpacked_transposed(rows, g.dtype), g, precision=precision)
+    dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, g.dtype))(da.astype(g.dtype))
+    return dx, dk
 
 
 # a jit-cache-sensitive context: a function traced packed outside float_forward() is traced again inside

@@ -21,6 +21,8 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from bnnjax import packing
+
 __all__ = [
     "ste_sign", "approx_sign", "swish_sign", "ste_heaviside", "ste_tern", "magnitude_aware_sign",
     "dorefa", "stochastic_sign", "xnor_weight_scale", "magnitude_aware_sign_unclipped", "Quantizer", "get", "names",
@@ -47,19 +49,19 @@ def _clip_mask(g, x, clip_value):
 
 def _mask_residual(x, clip_value):
     """What a clipped STE's backward needs of ``x``: ``|x| <= clip_value``, 1 bit per element (packed
-    along the last axis; ``jnp.packbits``), named ``"bnnjax_bits"`` for ``jax.checkpoint`` policies.
-    None without clipping."""
+    along the last axis into uint32 words, :func:`bnnjax.packing.pack_bits`' layout), named
+    ``"bnnjax_bits"`` for ``jax.checkpoint`` policies. None without clipping."""
     if clip_value is None:
         return None
     inside = jnp.abs(x) <= clip_value
-    bits = jnp.packbits(inside, axis=-1) if x.ndim else inside
+    bits = packing.pack_bits(inside) if x.ndim else inside  # True packs as a set bit
     return checkpoint_name(bits, "bnnjax_bits")
 
 
 def _apply_mask(g, mask, clip_value):
     if clip_value is None:
         return g
-    inside = jnp.unpackbits(mask, axis=-1, count=g.shape[-1]).astype(bool) if g.ndim else mask
+    inside = packing.unpack_bits(mask, g.shape[-1], g.dtype) < 0 if g.ndim else mask
     return jnp.where(inside, g, jnp.zeros_like(g))
 
 

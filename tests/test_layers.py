@@ -269,10 +269,15 @@ def _loss_and_grads(layer, v, x):
     return jax.jit(layer.apply)(v, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
 
 
+@pytest.mark.parametrize("backward", ["whole_patches", "per_tap"])
 @pytest.mark.parametrize("layer,shape", PACKED_CASES)
-def test_packed_forward_training_path_equals_float_path(layer, shape):
-    """±1 layers on CPU compute the forward on packed bits; values and gradients must equal the float
-    computation's exactly (odd K, K not a multiple of 32, zero and one padding, strides, batch 1)."""
+def test_packed_forward_training_path_equals_float_path(layer, shape, backward, monkeypatch):
+    """±1 layers on CPU compute the forward on packed bits and keep the input's bits; values and
+    gradients must equal the float computation's (odd K, K not a multiple of 32, zero and one padding,
+    strides, batch 1), with the backward from whole unpacked patches or one kernel tap at a time (large
+    layers)."""
+    if backward == "per_tap":
+        monkeypatch.setattr(ops, "_WHOLE_PATCHES_MAX_BYTES", 0)
     x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
     v = layer.init(jax.random.key(1), x)
     jaxpr = str(jax.make_jaxpr(layer.apply)(v, x))
