@@ -165,8 +165,10 @@ def create_train_state(model, tx: optax.GradientTransformation, example_input=No
         if example_input is None:
             raise TypeError("a linen model needs example_input (one batch or its jax.ShapeDtypeStruct) to initialize.")
         init_key, train_key = jax.random.split(jax.random.key(seed))
-        variables = model.init({"params": init_key, "dropout": init_key, "quantizer": init_key},
-                               jnp.zeros(example_input.shape, example_input.dtype), train=False)
+        # jitted: an eager init of a 224x224 model runs every layer op by op and holds its activations
+        init = jax.jit(lambda keys, x: model.init(keys, x, train=False))
+        variables = init({"params": init_key, "dropout": init_key, "quantizer": init_key},
+                         jnp.zeros(example_input.shape, example_input.dtype))
         params = variables["params"] if params is None else params
         state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                   batch_stats=variables.get("batch_stats", {}) if batch_stats is None else batch_stats,

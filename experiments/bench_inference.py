@@ -15,11 +15,16 @@ where a file exists. Paths:
 - ``iree``: the same StableHLO compiled by IREE for this CPU at that batch size (extra ``iree``;
   ``bytes``: the batch-1 module).
 
+``bound_ms`` is what this machine's own kernels allow, measured in the same run: the model's binary MACs
+(``bnnjax.summary``) at the packed XNOR-popcount rate plus its other MACs at the float32 dot rate, both
+from ``bench_kernels``' 2048^3 case; ``ratio_to_bound`` is each path's latency over it (1.0: as fast as
+the two matmul kernels alone could go).
+
 seed 000 is trained briefly on Fashion-MNIST (``--train-steps``) and evaluated on the test set;
 QuickNet (larq-zoo's architecture, 224x224) uses random weights with randomized BatchNorm statistics
 and a random batch.
 
-    python experiments/bench_inference.py [--models seed000,quicknet] [--repeats 30]
+    python experiments/bench_inference.py [--models seed000,quicknet] [--repeats 30] [--out results/FILE.jsonl]
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import numpy as np
 import optax
 
 import bnnjax
-from bnnjax import datasets, export, ops, train, zoo
+from bnnjax import datasets, export, ops, packing, train, zoo
 
 
 def interleaved_ms(fns: dict, x, repeats: int) -> dict:
@@ -50,6 +55,31 @@ def interleaved_ms(fns: dict, x, repeats: int) -> dict:
             jax.block_until_ready(fn(x))
             times[name].append(time.perf_counter() - t)
     return {name: 1e3 * float(np.median(ts)) for name, ts in times.items()}
+
+
+def kernel_rates(repeats: int = 7) -> dict:
+    """MACs per second of the packed XNOR-popcount matmul and of XLA's float32 dot at 2048^3 (±1 data),
+    as ``bench_kernels.py`` measures them."""
+    from bench_kernels import best_ms  # experiments/ is on sys.path when this script runs
+
+    n = 2048
+    rng = np.random.default_rng(0)
+    x, y = (np.where(rng.random((n, n)) < 0.5, 1.0, -1.0).astype(np.float32) for _ in range(2))
+    f32 = jax.jit(lambda u, v: jnp.dot(u, v.T))
+    packed = jax.jit(lambda u, v: packing.xnor_matmul(u, v, n))
+    f32_ms = best_ms(f32, jnp.asarray(x), jnp.asarray(y), repeats=repeats)
+    packed_ms = best_ms(packed, packing.pack_bits(x), packing.pack_bits(y), repeats=repeats)
+    return {"binary_macs_per_s": n ** 3 / (packed_ms / 1e3), "float_macs_per_s": n ** 3 / (f32_ms / 1e3),
+            "packed_2048_ms": round(packed_ms, 3), "f32_2048_ms": round(f32_ms, 3)}
+
+
+def bound_ms(model, variables, x1, rates: dict) -> tuple[float, dict]:
+    """Milliseconds per image at the kernels' rates: binary MACs / packed rate + other MACs / f32 rate."""
+    r = bnnjax.summary(model, x1, print_fn=None)
+    binary = r["macs_by_bits"].get(1, 0)
+    other = r["total_macs"] - binary
+    ms = 1e3 * (binary / rates["binary_macs_per_s"] + other / rates["float_macs_per_s"])
+    return ms, {"binary_macs": int(binary), "other_macs": int(other)}
 
 
 def seed000(a):
@@ -71,8 +101,9 @@ def quicknet(a):
     return model, {**variables, "batch_stats": stats}, x, (1, 16)
 
 
-def run(name, build, a):
+def run(name, build, a, rates):
     model, variables, xs, batches = build(a)
+    per_image_ms, macs = bound_ms(model, variables, xs[:1], rates)
     packed = export.pack(model, variables, xs[:1])
     float_apply = jax.jit(model.apply)
     with ops.float_forward():
@@ -106,9 +137,15 @@ def run(name, build, a):
         for pname, (_, nbytes) in paths.items():
             row = {"model": name, "path": pname, "batch": b, "img_s": round(1e3 * b / ms[pname], 1),
                    "latency_ms": round(ms[pname], 3), "predictions_identical": identical[pname],
-                   "images_compared": int(want.size), "backend": jax.default_backend()}
+                   "images_compared": int(want.size), "backend": jax.default_backend(),
+                   "bound_ms": round(per_image_ms * b, 3), "ratio_to_bound": round(ms[pname] / (per_image_ms * b), 2),
+                   **macs, **{k: v for k, v in rates.items() if k.endswith("_ms")}}
             if nbytes is not None:
                 row["bytes"] = int(nbytes)
+            if a.out:
+                from _results import append  # experiments/ is on sys.path when this script runs
+
+                row = append(a.out, row)
             print(json.dumps(row), flush=True)
 
 
@@ -119,10 +156,12 @@ def main(argv=None):
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--iree", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", default=None, help="also append each line, with its provenance, to this results file")
     a = p.parse_args(argv)
     builders = {"seed000": seed000, "quicknet": quicknet}
+    rates = kernel_rates()
     for name in a.models.split(","):
-        run(name, builders[name], a)
+        run(name, builders[name], a, rates)
 
 
 if __name__ == "__main__":
