@@ -535,7 +535,13 @@ def _offset_slices(x, window, strides, out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _strided_max(x, window, strides):
-    return _strided_max_fwd(x, window, strides)[0]
+    # not differentiated (inference): XLA's reduce-window. The maximum of shifted slices is cheap
+    # enough that XLA duplicates it into each consumer, and QuickNet's blur pool reads it nine times
+    # per output: its packed batch-1 inference ran 13 ms instead of 4.5 with constant weights.
+    n = len(window)
+    dims, steps = (1,) + tuple(window) + (1,) * (x.ndim - 1 - n), (1,) + tuple(strides) + (1,) * (x.ndim - 1 - n)
+    lowest = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    return jax.lax.reduce_window(x, jnp.array(lowest, x.dtype), jax.lax.max, dims, steps, "VALID")
 
 
 def _strided_max_fwd(x, window, strides):

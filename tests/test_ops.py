@@ -21,7 +21,9 @@ def test_fast_max_pool_matches_flax_values_and_first_max_gradient(shape, window,
     y = ops.max_pool(x, window, strides)
     np.testing.assert_array_equal(y, nn.max_pool(x, window, strides or window))
     g = jnp.asarray(np.random.default_rng(1).integers(-50, 50, y.shape).astype(np.float32))  # exact sums
-    ours = jax.vjp(lambda v: ops.max_pool(v, window, strides), x)[1](g)[0]
+    y_train, pull = jax.vjp(lambda v: ops.max_pool(v, window, strides), x)  # the training forward
+    np.testing.assert_array_equal(y_train, y)
+    ours = pull(g)[0]
     flax_grad = jax.vjp(lambda v: nn.max_pool(v, window, strides or window), x)[1](g)[0]
     np.testing.assert_array_equal(ours, flax_grad)
     assert "select_and_scatter" not in str(jax.make_jaxpr(jax.grad(lambda v: ops.max_pool(v, window, strides).sum()))(x))
