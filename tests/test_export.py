@@ -39,6 +39,12 @@ def randomize_bn(variables, seed=0, negative_scale=False):
     return jax.tree_util.tree_map_with_path(visit, variables)
 
 
+def init(model, x):
+    """The model's variables for inputs like ``x``: ``model.init`` jitted (an eager init compiles every
+    op of every layer on its own, most of these tests' time)."""
+    return jax.jit(model.init)(jax.random.key(1), x[:1])
+
+
 def packed_kernels(tree):
     return [l for l in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, pk.PackedKernel))
             if isinstance(l, pk.PackedKernel)]
@@ -69,22 +75,31 @@ class Mixed(nn.Module):
         return nn.Dense(5)(x)
 
 
-def _packs_like_the_model(model, variables, x, n_packed):
+@pytest.fixture(scope="module")
+def mixed():
+    """The Mixed model, its batch, initial variables and one jitted apply: the tests on it share its
+    compiled programs (the float and the packed variable trees each compile once)."""
+    model = Mixed()
+    x = jax.random.normal(jax.random.key(0), (32, 15, 13, 3))
+    return model, x, init(model, x), jax.jit(model.apply)
+
+
+def _packs_like_the_model(model, variables, x, n_packed, apply=None):
     packed = export.pack(model, variables, x)
     assert len(packed_kernels(packed)) == n_packed
-    want = np.asarray(jax.jit(model.apply)(variables, x))
-    got = np.asarray(jax.jit(model.apply)(packed, x))
+    apply = apply or jax.jit(model.apply)
+    want = np.asarray(apply(variables, x))
+    got = np.asarray(apply(packed, x))
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
     return packed
 
 
 @pytest.mark.parametrize("negative_scale", [False, True])
-def test_any_flax_model_packs_and_predicts_like_the_float_model(negative_scale, tmp_path):
-    model = Mixed()
-    x = jax.random.normal(jax.random.key(0), (32, 15, 13, 3))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]), negative_scale=negative_scale)
-    packed = _packs_like_the_model(model, v, x, n_packed=5)
+def test_any_flax_model_packs_and_predicts_like_the_float_model(negative_scale, mixed):
+    model, x, v0, apply = mixed
+    v = randomize_bn(v0, negative_scale=negative_scale)
+    packed = _packs_like_the_model(model, v, x, n_packed=5, apply=apply)
     # every 1-bit kernel is stored 1 bit per weight, real-input ones too; float layers untouched
     first = packed["params"]["QuantConv_0"]["kernel"]
     assert not first.per_tap and first.words.shape == (pk.num_words(27 * 20),)
@@ -98,15 +113,15 @@ def test_any_flax_model_packs_and_predicts_like_the_float_model(negative_scale, 
     assert "population_count" in str(jax.make_jaxpr(model.apply)(packed, x))
 
 
-def test_packed_files_roundtrip_and_old_or_foreign_files_are_refused(tmp_path):
-    model = Mixed()
-    x = jax.random.normal(jax.random.key(0), (8, 15, 13, 3))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = export.pack(model, v)
+def test_packed_files_roundtrip_and_old_or_foreign_files_are_refused(tmp_path, mixed):
+    model, x, v0, apply = mixed
+    packed = export.pack(model, randomize_bn(v0))
     path = tmp_path / "m.msgpack"
     size = export.save_packed(path, packed)
     assert size == path.stat().st_size and path.read_bytes()[:1] != b"\x80"  # msgpack, not pickle
-    np.testing.assert_array_equal(model.apply(export.load_packed(path), x), model.apply(packed, x))
+    loaded = export.load_packed(path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(packed)
+    np.testing.assert_array_equal(apply(loaded, x), apply(packed, x))
     (tmp_path / "old.bnn").write_bytes(serialization.msgpack_serialize({"format": "bnnjax-packed", "version": 1}))
     with pytest.raises(ValueError, match="retired op-list exporter.*export.pack"):
         export.load_packed(tmp_path / "old.bnn")
@@ -120,24 +135,33 @@ def test_packed_files_roundtrip_and_old_or_foreign_files_are_refused(tmp_path):
         export.load_packed(tmp_path / "missing.bnn")
 
 
-def test_pack_verifies_against_the_float_model(monkeypatch):
+@pytest.fixture(scope="module")
+def seed000():
+    """The seed-000 model (LarqTutorialCNN): a batch, initial and randomized variables, the latter packed
+    (folded, verified on the batch: it agrees) and unfolded, and one jitted apply the tests share."""
     model = bnnjax.models.LarqTutorialCNN()
     x = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    export.pack(model, v, x)  # agrees
+    v0 = init(model, x)
+    v = randomize_bn(v0)
+    packed = export.pack(model, v, x)  # agrees (raises ExportError otherwise)
+    return dict(model=model, x=x, v0=v0, v=v, packed=packed, unfolded=export.pack(model, v), apply=jax.jit(model.apply))
+
+
+def test_pack_verifies_against_the_float_model(monkeypatch, seed000):
+    model, x, v = seed000["model"], seed000["x"], seed000["v"]
+    assert len(packed_kernels(seed000["packed"])) == 5  # packed, verified on x: it agrees
     original = ops.packed_dense
     monkeypatch.setattr(ops, "packed_dense", lambda *a, **k: -original(*a, **k))
     with pytest.raises(export.ExportError, match="differ"):
         export.pack(model, v, x)
 
 
-def test_seed000_packed_size_is_larqs_model_size():
+def test_seed000_packed_size_is_larqs_model_size(seed000):
     """The binary kernels take 1 bit per weight (in words of 32), each folded BatchNorm two numbers per
     channel: Larq's 13.19 KiB (93,088 bits and 468 float32 numbers), up to the last words' padding.
     Without an example input BatchNorm keeps mean, variance and offset."""
-    model = bnnjax.models.LarqTutorialCNN()
+    model, v = seed000["model"], seed000["v0"]
     x = jnp.zeros((1, 28, 28, 1))
-    v = model.init(jax.random.key(1), x)
     packed = export.pack(model, v, jax.ShapeDtypeStruct(x.shape, x.dtype))
     words = sum(k.words.size for k in packed_kernels(packed))
     # Larq's 93,088 binary weights: 288 (first layer, contiguous), 18,432, 36,864, 36,864 (packed per
@@ -169,7 +193,7 @@ class ABCModel(nn.Module):
 def test_abc_layers_run_their_m_by_n_binary_ops_packed(m, n):
     model = ABCModel(m, n)
     x = jax.random.uniform(jax.random.key(2), (16, 15, 15, 3))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    v = randomize_bn(init(model, x))
     # learned shifts and betas, not the defaults
     v = jax.tree_util.tree_map_with_path(
         lambda p, a: a * 1.3 + 0.05 if getattr(p[-1], "key", None) in ("shift", "beta") else a, v)
@@ -183,7 +207,7 @@ def test_bireal_residual_net_packs(tmp_path):
     odd spatial sizes, magnitude-aware kernels)."""
     model = bnnjax.models.BiRealNet(stage_sizes=(1, 2, 1), width=8)
     x = jax.random.uniform(jax.random.key(2), (16, 13, 13, 1), minval=-1, maxval=1)
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    v = randomize_bn(init(model, x))
     _packs_like_the_model(model, v, x, n_packed=4)
 
 
@@ -191,7 +215,7 @@ def test_quicknet_packs_at_a_small_input_size():
     """A zoo model (one-padded binary blocks, blur-pool transitions, constants collection) packs."""
     model = zoo.QuickNet(num_classes=10, section_blocks=(1, 1, 1, 1), section_filters=(32, 64, 64, 96))
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
+    v = randomize_bn(init(model, x))
     _packs_like_the_model(model, v, x, n_packed=4)
 
 
@@ -205,11 +229,8 @@ np.save(sys.argv[3], np.asarray(exported.call(x)))
 """
 
 
-def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path):
-    model = bnnjax.models.LarqTutorialCNN()
-    x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = export.pack(model, v, x)
+def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path, seed000):
+    model, x, v, packed, apply = (seed000[k] for k in ("model", "x", "v", "packed", "apply"))
     path = tmp_path / "seed000.stablehlo"
     size = export.save_artifact(path, model, packed, x[:2])
     assert size == path.stat().st_size < 80_000
@@ -218,8 +239,8 @@ def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path):
     (tmp_path / "run.py").write_text(ARTIFACT_RUNNER)
     subprocess.run([sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "x.npy"),
                     str(tmp_path / "y.npy")], check=True, cwd=tmp_path, capture_output=True)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.apply(v, x5), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(export.load_artifact(path).call(x5), model.apply(packed, x5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), apply(v, x5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(export.load_artifact(path).call(x5), apply(packed, x5), rtol=1e-5, atol=1e-5)
     (tmp_path / "bad.stablehlo").write_bytes(b"nonsense")
     with pytest.raises(ValueError, match="not a jax.export artifact"):
         export.load_artifact(tmp_path / "bad.stablehlo")
@@ -228,45 +249,45 @@ def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path):
 @pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 def test_trained_seed000_predicts_identically_on_the_real_test_set():
     (x, y), (xt, yt) = [datasets.load_dataset("fashion_mnist", s) for s in ("train", "test")]
-    x, xt = datasets.preprocess(x[:6400]), datasets.preprocess(xt)
+    n = 1920  # 30 steps of 64: a trained model (about half the test set right, a random one a tenth)
+    x, xt = datasets.preprocess(x[:n]), datasets.preprocess(xt)
     model = bnnjax.models.LarqTutorialCNN()
     state = train.create_train_state(model, optax.chain(optax.adam(1e-3), bnnjax.weight_clip()), x[:1])
-    state, _ = train.fit(state, (x, y[:6400]), None, epochs=1, batch_size=64, progress=False)
+    state, _ = train.fit(state, (x, y[:n]), None, epochs=1, batch_size=64, progress=False)
     v = {"params": state.params, "batch_stats": state.batch_stats}
     packed = export.pack(model, v, xt[:500])
     apply = jax.jit(model.apply)
+    correct = 0
     for i in range(0, 10000, 2000):
         ref, got = np.asarray(apply(v, xt[i:i + 2000])), np.asarray(apply(packed, xt[i:i + 2000]))
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+        correct += int(np.sum(ref.argmax(-1) == yt[i:i + 2000]))
+    assert correct > 4000  # trained: the check is on a model that predicts, not on random weights
 
 
-def test_accelerator_kernel_gives_the_same_packed_model(monkeypatch):
+def test_accelerator_kernel_gives_the_same_packed_model(monkeypatch, mixed):
     """GPUs and TPUs run the packed layers with the int8-dot kernel (chosen at trace time): same outputs
     as the CPU's popcount kernel."""
-    model = Mixed()
-    x = jax.random.normal(jax.random.key(0), (8, 15, 13, 3))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = export.pack(model, v)
-    cpu = np.asarray(jax.jit(model.apply)(packed, x))
+    model, x, v0, apply = mixed
+    packed = export.pack(model, randomize_bn(v0))
+    cpu = np.asarray(apply(packed, x))
     monkeypatch.setattr(pk, "backend_kernel", lambda backend=None: "int8")
-    jaxpr = str(jax.make_jaxpr(model.apply)(packed, x))
+    fresh = lambda p, a: model.apply(p, a)  # noqa: E731 -- a new function: traced afresh, not a cached trace
+    jaxpr = str(jax.make_jaxpr(fresh)(packed, x))
     assert "dot_general" in jaxpr and "i8[" in jaxpr  # the packed products became int8 dots
-    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(packed, x)), cpu)
+    np.testing.assert_array_equal(np.asarray(jax.jit(fresh)(packed, x)), cpu)
 
 
 @pytest.mark.parametrize("target", ["host", "rpi4", "apple-m1"])
-def test_iree_compiles_the_packed_model_for_this_cpu_and_arm(target):
+def test_iree_compiles_the_packed_model_for_this_cpu_and_arm(target, seed000):
     pytest.importorskip("iree.compiler", reason="optional extra 'iree'")
-    model = bnnjax.models.LarqTutorialCNN()
-    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-    v = randomize_bn(model.init(jax.random.key(1), x[:1]))
-    packed = export.pack(model, v)
+    model, x, packed = seed000["model"], seed000["x"][:4], seed000["unfolded"]
     vmfb = export.compile_iree(model, packed, x, target=target)
     assert len(vmfb) > 10_000
     if target == "host":  # runnable here: same predictions as JAX
         got = export.load_iree(vmfb)(x)
-        want = np.asarray(model.apply(packed, x))
+        want = np.asarray(seed000["apply"](packed, x))
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     else:  # built for another CPU: loading it here is a clear error, not IREE's "device not found"

@@ -94,18 +94,33 @@ def _linen_loss(layer, v):
 
 
 def _randomized(v):
-    """Random-but-valid variables: kernels and biases random, BatchNorm statistics away from 0 and 1."""
-    keys = iter(jax.random.split(jax.random.key(7), 64))
-    leaf = lambda path, a: (jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=2.0)
-                            if any(getattr(k, "key", None) in ("var", "scale") for k in path) else jax.random.normal(next(keys), a.shape) * 0.5)
+    """Random-but-valid variables: kernels and biases random, BatchNorm statistics away from 0 and 1
+    (drawn by numpy: eager jax.random draws compile a program per shape)."""
+    rng = np.random.default_rng(7)
+    leaf = lambda path, a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape) if any(
+        getattr(k, "key", None) in ("var", "scale") for k in path) else rng.normal(size=a.shape) * 0.5, jnp.float32)
     return jax.tree_util.tree_map_with_path(lambda p, a: leaf(p, a) if a.dtype == jnp.float32 else a, v)
+
+
+def _init(linen_module, x):
+    """``linen_module.init`` jitted: an eager init compiles every op of every layer on its own."""
+    return jax.jit(linen_module.init)(jax.random.key(1), x)
+
+
+def _random_variables(linen_module, x):
+    """``_randomized`` variables of ``linen_module``: where ``_randomized`` replaces every value (float32
+    params and BatchNorm statistics only), built from the init's shapes and tags (``jax.eval_shape``:
+    nothing is compiled); else from a real init."""
+    shapes = jax.eval_shape(linen_module.init, jax.random.key(1), x)
+    if not (set(shapes) <= {"params", "batch_stats"} and all(a.dtype == jnp.float32 for a in jax.tree.leaves(shapes))):
+        shapes = _init(linen_module, x)
+    return {c: (_randomized(t) if c in ("params", "batch_stats") else t) for c, t in shapes.items()}
 
 
 @pytest.mark.parametrize("linen_layer,nnx_layer,shape", LAYER_CASES)
 def test_nnx_layer_equals_linen_layer_outputs_and_gradients(linen_layer, nnx_layer, shape):
     x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
-    v = linen_layer.init(jax.random.key(1), x)
-    v = {c: (_randomized(t) if c in ("params", "batch_stats") else t) for c, t in v.items()}
+    v = _random_variables(linen_layer, x)
     if "shift" in v.get("params", {}):  # ABC shifts must keep x + v inside [0, 1] somewhere
         v["params"]["shift"] = jnp.linspace(-0.3, 0.3, v["params"]["shift"].shape[0])
     load_linen_variables(nnx_layer, linen_layer, v, x)
@@ -152,9 +167,18 @@ def test_stochastic_quantizer_draws_in_training_and_is_deterministic_in_eval():
 
 def _seed_models(x):
     lin = bnnjax.models.LarqTutorialCNN()
-    v = _randomized(lin.init(jax.random.key(1), x))
+    v = _random_variables(lin, x[:1])
     m = load_linen_variables(bnx.models.LarqTutorialCNN(rngs=RNGS()), lin, v, x)
     return lin, v, m
+
+
+@pytest.fixture(scope="module")
+def seed_models():
+    """A batch, the seed-000 linen model with random variables, its NNX twin and that twin packed
+    (verified on the batch), shared by the packing tests."""
+    x = jax.random.normal(KEY, (16, 28, 28, 1))
+    lin, v, m = _seed_models(x)
+    return x, lin, v, m, export.pack(m, x)
 
 
 def test_quant_param_tags_select_exactly_the_binary_kernels():
@@ -244,15 +268,14 @@ def test_unclipped_warning_on_nnx_state(monkeypatch):
         assert bnnjax.optim.warn_if_unclipped(params, optax.adam(1e-3).init(params))
 
 
-def test_pack_nnx_model_runs_packed_and_saves_the_same_artifact(tmp_path):
-    x = jax.random.normal(KEY, (16, 28, 28, 1))
-    lin, v, m = _seed_models(x)
-    packed = export.pack(m, x)
+def test_pack_nnx_model_runs_packed_and_saves_the_same_artifact(tmp_path, seed_models):
+    x, lin, v, m, packed = seed_models
     assert isinstance(packed.conv2.kernel.get_value(), bnnjax.packing.PackedKernel)
     assert packed.bn1.multiplier is not None and packed.bn1.mean is None  # folded
     assert isinstance(m.conv2.kernel, bnx.QuantParam)  # the model given is unchanged
     assert export.packed_bytes(packed) == export.packed_bytes(export.pack(lin, v, x)) == 13508
     assert "popcnt" in jax.jit(lambda a: packed(a)).lower(x).as_text()
+    m = nnx.clone(m)  # the shared model stays as it is
     m.eval()
     call = nnx.jit(lambda mm, a: mm(a))
     y_packed = call(packed, x)
@@ -261,6 +284,7 @@ def test_pack_nnx_model_runs_packed_and_saves_the_same_artifact(tmp_path):
     assert n > 13508
     deployed = export.load_artifact(tmp_path / "m.stablehlo")
     np.testing.assert_allclose(deployed.call(x), y_packed, rtol=1e-6, atol=1e-6)
+    packed = nnx.clone(packed)  # the shared one stays in evaluation mode
     with pytest.raises(ValueError, match="folded"):
         packed.train()
         packed.bn1(x[:, :4, :4, :1].repeat(32, -1))
@@ -268,9 +292,8 @@ def test_pack_nnx_model_runs_packed_and_saves_the_same_artifact(tmp_path):
 
 @pytest.mark.parametrize("shape,match", [((2, 28, 28, 3), "takes 1"), ((2, 20, 20, 1), "takes 576"),
                                          ((2, 28, 28), "rank 4")])
-def test_packed_nnx_model_rejects_wrong_input_shapes(shape, match):
-    x = jax.random.normal(KEY, (4, 28, 28, 1))
-    packed = export.pack(_seed_models(x)[2], x)
+def test_packed_nnx_model_rejects_wrong_input_shapes(shape, match, seed_models):
+    packed = seed_models[4]
     with pytest.raises(ValueError, match=match):
         packed(jnp.zeros(shape))
 
@@ -284,10 +307,8 @@ def test_nnx_layer_with_wrong_in_features_says_so():
         conv(jnp.ones((1, 6, 6, 5)))
 
 
-def test_linen_model_bridge_keeps_tags_modes_and_packs():
-    x = jax.random.normal(KEY, (8, 28, 28, 1))
-    lin = bnnjax.models.LarqTutorialCNN()
-    v = _randomized(lin.init(jax.random.key(1), x))
+def test_linen_model_bridge_keeps_tags_modes_and_packs(seed_models):
+    x, lin, v = seed_models[0][:8], seed_models[1], seed_models[2]
     m = bnx.LinenModel(lin, v)
     assert len(jax.tree.leaves(nnx.state(m, bnx.QuantParam))) == 5
     np.testing.assert_array_equal(m(x), lin.apply(v, x))  # starts in evaluation mode

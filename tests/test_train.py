@@ -37,8 +37,12 @@ def tx():
     return optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=3e-3), bnnjax.weight_clip())
 
 
+SMALL = Small()  # one model and optimizer object: every state of it hits the same compiled steps
+TX = tx()
+
+
 def new_state(seed=0):
-    return train.create_train_state(Small(), tx(), data()[0][:1], seed=seed)
+    return train.create_train_state(SMALL, TX, data()[0][:1], seed=seed)
 
 
 def test_losses_match_their_formulas():
@@ -98,7 +102,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_unclipped_binary_kernels_warn_once(monkeypatch):
     monkeypatch.setattr(bnnjax.optim, "_warned_unclipped", False)
     with pytest.warns(UserWarning, match="weight clipping"):
-        train.create_train_state(Small(), optax.adam(1e-3), data()[0][:1])
+        train.create_train_state(SMALL, optax.adam(1e-3), data()[0][:1])
 
 
 MULTI = textwrap.dedent("""
@@ -114,16 +118,26 @@ MULTI = textwrap.dedent("""
         st, hist = train.fit(new_state(), (x, y), (x, y), epochs=3, batch_size=64, steps_per_call=2,
                              progress=False, mesh=mesh)
         out[n] = [h["train_loss"] for h in hist] + [h["test_loss"] for h in hist]
-    print(json.dumps({"devices": jax.device_count(), "curves": out}))
+    print("MULTI", json.dumps({"devices": jax.device_count(), "curves": out}))
 """)
 
 
-def test_four_devices_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", MULTI, os.path.dirname(__file__)], env=env, capture_output=True,
-                         text=True, timeout=600)
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    """MULTI and GLOBAL_BATCH (below) run in one process with four host devices (one start of python and
+    jax for both): their output lines by tag."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", MULTI + GLOBAL_BATCH, os.path.dirname(__file__),
+                          str(tmp_path_factory.mktemp("four_devices"))], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return {tag: json.loads(rest) for tag, _, rest in (l.partition(" ") for l in res.stdout.strip().splitlines())
+            if tag in ("MULTI", "GLOBAL_BATCH")}
+
+
+def test_four_devices_match_one_device(four_devices):
+    out = four_devices["MULTI"]
     assert out["devices"] == 4
     np.testing.assert_allclose(out["curves"]["4"], out["curves"]["1"], rtol=2e-3)
 
@@ -210,7 +224,8 @@ def test_fit_stream_and_fit_reject_each_others_checkpoints(tmp_path, image_folde
     train.fit_stream(new_state(), _image_batches(), steps=1, workdir=tmp_path / "new", progress=False)
     with pytest.raises(ValueError, match=r"checkpoints/1: this checkpoint is of a fit_stream \(an input stream\) run"):
         train.fit(new_state(), data(), epochs=1, batch_size=32, workdir=tmp_path / "new", progress=False)
-    train.fit(new_state(), data(), epochs=1, batch_size=32, workdir=tmp_path / "arrays", progress=False)
+    train.fit(new_state(), data(), epochs=1, batch_size=32, steps_per_call=4, workdir=tmp_path / "arrays",
+              progress=False)
     with pytest.raises(ValueError, match=r"this checkpoint is of a fit \(in-memory arrays\) run"):
         train.fit_stream(new_state(), _image_batches(), steps=2, workdir=tmp_path / "arrays", progress=False)
     batches = iter([{"image": np.zeros((8, 16, 16, 3), np.uint8), "label": np.zeros(8, np.int32)}] * 3)
@@ -253,12 +268,21 @@ def _image_batches():
                 .batch(8, batch_fn=lambda b: {k: np.stack([e[k] for e in b]) for k in b[0]}).to_iter_dataset())
 
 
-@pytest.mark.parametrize("extra_variables", [True, False])
-def test_old_msgpack_checkpoints_are_converted_and_resumed(tmp_path, extra_variables):
+@pytest.fixture(scope="module")
+def three_and_two_epochs(tmp_path_factory):
+    """One run's state after 3 epochs and after 2, shared by both old-checkpoint tests."""
     x, y = data()
     kw = dict(epochs=3, batch_size=32, steps_per_call=4, progress=False)
-    full, _ = train.fit(new_state(), (x, y), workdir=tmp_path / "full", **kw)
+    full, _ = train.fit(new_state(), (x, y), workdir=tmp_path_factory.mktemp("full"), **kw)
     after2, _ = train.fit(new_state(), (x, y), **{**kw, "epochs": 2})
+    return jax.device_get(full), jax.device_get(after2)
+
+
+@pytest.mark.parametrize("extra_variables", [True, False])
+def test_old_msgpack_checkpoints_are_converted_and_resumed(tmp_path, extra_variables, three_and_two_epochs):
+    x, y = data()
+    kw = dict(epochs=3, batch_size=32, steps_per_call=4, progress=False)
+    full, after2 = three_and_two_epochs
     _write_old_checkpoint(tmp_path / "old", after2, 2, extra_variables)
     resumed, hist = train.fit(new_state(), (x, y), workdir=tmp_path / "old", **kw)
     assert [h["epoch"] for h in hist] == [3] and int(resumed.step) == 21
@@ -292,17 +316,13 @@ GLOBAL_BATCH = textwrap.dedent("""
         err = None
     except ValueError as e:
         err = str(e)
-    print(json.dumps({"devices": jax.device_count(), "equal": bool(np.array_equal(np.asarray(g), x)),
+    print("GLOBAL_BATCH", json.dumps({"devices": jax.device_count(), "equal": bool(np.array_equal(np.asarray(g), x)),
                       "shards": [[a, list(b)] for a, b in shards], "error": err, "curves": curves}))
 """)
 
 
-def test_stream_batches_split_over_four_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", GLOBAL_BATCH, os.path.dirname(__file__), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+def test_stream_batches_split_over_four_devices(four_devices):
+    out = four_devices["GLOBAL_BATCH"]
     assert out["devices"] == 4 and out["equal"]
     np.testing.assert_allclose(out["curves"]["4"], out["curves"]["1"], rtol=2e-3)
     assert out["shards"] == [[0, [2, 2, 3]], [2, [2, 2, 3]], [4, [2, 2, 3]], [6, [2, 2, 3]]]
@@ -340,11 +360,11 @@ def test_nnx_seed000_trains_to_the_linen_loss_curve_bit_identically():
     y = (x[:, :14].mean(axis=(1, 2, 3)) > x[:, 14:].mean(axis=(1, 2, 3))).astype(np.int32)
     kw = dict(epochs=2, batch_size=32, steps_per_call=5, progress=False)
     lin_model = bnnjax.models.LarqTutorialCNN()
-    lin = train.create_train_state(lin_model, tx(), x[:1])
+    lin = train.create_train_state(lin_model, TX, x[:1])
     lin_state, lin_hist = train.fit(lin, (x, y), (x[:64], y[:64]), **kw)
     variables = {"params": lin.params, "batch_stats": lin.batch_stats}
     model = bnx.models.load_linen_variables(bnx.models.LarqTutorialCNN(rngs=nnx.Rngs(0)), lin_model, variables, x[:1])
-    model, hist = train.fit(model, (x, y), (x[:64], y[:64]), tx=tx(), **kw)
+    model, hist = train.fit(model, (x, y), (x[:64], y[:64]), tx=TX, **kw)
     assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in lin_hist]
     assert [h["test_loss"] for h in hist] == [h["test_loss"] for h in lin_hist]
     np.testing.assert_array_equal(model.conv2.kernel.get_value(), lin_state.params["QuantConv_1"]["kernel"].value)
@@ -354,7 +374,7 @@ def test_nnx_seed000_trains_to_the_linen_loss_curve_bit_identically():
 def test_nnx_fit_learns_resumes_bit_identically_and_refuses_linen_checkpoints(tmp_path):
     x, y = data()
     kw = dict(epochs=3, batch_size=32, steps_per_call=4, progress=False)
-    state = lambda: train.create_train_state(SmallNNX(nnx.Rngs(0)), tx())
+    state = lambda: train.create_train_state(SmallNNX(nnx.Rngs(0)), TX)
     full, hist_full = train.fit(state(), (x, y), (x, y), workdir=tmp_path / "a", **kw)
     assert full.api == "nnx" and hist_full[-1]["train_loss"] < hist_full[0]["train_loss"]
     train.fit(state(), (x, y), (x, y), workdir=tmp_path / "b", stop_after_epoch=1, **kw)
@@ -376,7 +396,7 @@ def test_nnx_fit_learns_resumes_bit_identically_and_refuses_linen_checkpoints(tm
 def test_nnx_fit_stream_trains_an_nnx_model_in_place(tmp_path):
     model = SmallNNX(nnx.Rngs(0))
     before = np.asarray(model.dense.kernel.get_value()).copy()
-    out, hist = train.fit_stream(model, _image_batches(), steps=6, log_every=3, workdir=tmp_path, tx=tx(),
+    out, hist = train.fit_stream(model, _image_batches(), steps=6, log_every=3, workdir=tmp_path, tx=TX,
                                  progress=False)
     assert out is model and [h["step"] for h in hist] == [3, 6]
     assert not np.array_equal(before, model.dense.kernel.get_value())

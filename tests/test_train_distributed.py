@@ -29,7 +29,8 @@ def _launch(mode, nproc, workdir, out, stop_after=None, timeout=300):
     if not (Path(workdir) / "images").exists():
         make_image_folder(Path(workdir) / "images")
     devices = 4 if nproc == 1 else 2
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
     port = str(_port())
     extra = [] if stop_after is None else [str(stop_after)]
     procs = [subprocess.Popen([sys.executable, WORKER, mode, str(i), str(nproc), port, str(workdir), str(out), *extra],

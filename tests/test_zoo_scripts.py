@@ -99,7 +99,8 @@ def test_eval_of_the_trained_variables(trained, folder):
 def test_eval_cli_over_two_devices(trained, folder):
     # a fresh process with two host devices: the batch is split over both, the numbers do not change
     weights = str(trained["workdir"] / "variables.msgpack")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(EXPERIMENTS / "zoo_eval.py"), "--model", "QuickNet", "--weights", weights,
                           "--data-dir", str(folder), "--image-size", "32", "--batch-size", "8", "--workers", "0",
                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
