@@ -8,7 +8,7 @@ import warnings
 # imported, so xdist workers and the subprocesses tests start inherit it.
 _flags = os.environ.get("XLA_FLAGS", "")
 if os.environ.get("BNNJAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in _flags:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_backend_optimization_level=0").strip()
 
 # Hypothesis imports libcst lazily while reporting a failure; on some installs that import emits a
 # DeprecationWarning that our warnings-as-errors setting would turn into an INTERNALERROR hiding the
@@ -19,4 +19,3 @@ with warnings.catch_warnings():
         import hypothesis.extra._patching  # noqa: F401
     except Exception:
         pass
-
