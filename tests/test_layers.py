@@ -271,13 +271,13 @@ def _loss_and_grads(layer, v, x):
 
 @pytest.mark.parametrize("layer,shape,backward", [
     (layer, shape, backward) for layer, shape in PACKED_CASES
-    for backward in (("whole_patches", "per_tap") if isinstance(layer, L.QuantConv) else ("whole_patches",))])
+    for backward in (("whole_patches", "per_row") if isinstance(layer, L.QuantConv) else ("whole_patches",))])
 def test_packed_forward_training_path_equals_float_path(layer, shape, backward, monkeypatch):
     """±1 layers on CPU compute the forward on packed bits and keep the input's bits; values and
     gradients must equal the float computation's (odd K, K not a multiple of 32, zero and one padding,
-    strides, batch 1), with the backward from whole unpacked patches or one kernel tap at a time (large
+    strides, batch 1), with the backward from whole unpacked patches or one kernel row at a time (large
     layers)."""
-    if backward == "per_tap":
+    if backward == "per_row":
         monkeypatch.setattr(ops, "_WHOLE_PATCHES_MAX_BYTES", 0)
     x = jax.random.uniform(KEY, shape, minval=-1.5, maxval=1.5)
     v = layer.init(jax.random.key(1), x)
