@@ -284,12 +284,13 @@ class _Im2col:
         return self.product_of_words(rows, packing.pack_kernel(kernel4), kernel.shape[0],
                                      packing.tap_sums(kernel4) if self.padded else None)
 
-    def product_of_words(self, rows, words, k: int, sums=None):
+    def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False):
         """``rows`` times a packed kernel ``words`` (``(N, W)`` from :func:`packing.pack_kernel`): float32
         ``(M, N)``. With the kernel's :func:`packing.tap_sums` the padded taps count as zeros (LCE's
-        zero-padding correction: they were read as +1); without, as +1 (one-padding)."""
+        zero-padding correction: they were read as +1); without, as +1 (one-padding). ``inference``:
+        see :func:`packing.xnor_matmul`."""
         n = words.shape[0]
-        y = packing.xnor_matmul(rows, words, k)
+        y = packing.xnor_matmul(rows, words, k, inference=inference)
         if sums is not None and self.padded:
             corr = packing.pad_correction(sums, self.in_shape[1:3], self.strides, self.pads, self.dilation)
             y = y.reshape((self.in_shape[0], -1, n)) - corr.reshape(-1, n)
@@ -360,8 +361,8 @@ class _Rows:
     def packed_product(self, rows, kernel):
         return self.product_of_words(rows, packing.pack_bits(kernel.T), kernel.shape[0])
 
-    def product_of_words(self, rows, words, k: int, sums=None):
-        return packing.xnor_matmul(rows, words, k).astype(jnp.float32)
+    def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False):
+        return packing.xnor_matmul(rows, words, k, inference=inference).astype(jnp.float32)
 
     def unpacked_transposed(self, rows, dtype):
         return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
@@ -669,11 +670,12 @@ def _packed_product(lhs, rows, kernel: packing.PackedKernel, zero_padded: bool =
     # the zero-padding correction's per-tap sums, from the words (XLA folds them for constant weights)
     sums = kernel.tap_sums() if zero_padded and getattr(lhs, "padded", False) else None
     if kernel.alpha is None:
-        y = lhs.product_of_words(rows, kernel.words, kernel.k, sums)
+        y = lhs.product_of_words(rows, kernel.words, kernel.k, sums, inference=True)
         return y if kernel.scale is None else y * kernel.scale
     y = None
     for m in range(kernel.words.shape[0]):
-        z = kernel.alpha[m] * lhs.product_of_words(rows, kernel.words[m], kernel.k, None if sums is None else sums[m])
+        z = kernel.alpha[m] * lhs.product_of_words(rows, kernel.words[m], kernel.k, None if sums is None else sums[m],
+                                                   inference=True)
         y = z if y is None else y + z
     return y
 

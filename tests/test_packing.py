@@ -33,6 +33,20 @@ def test_xnor_matmul_is_exact(kernel, m, n, k):
     np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
 
 
+@pytest.mark.parametrize("m,n,k", [(9000, 64, 288), (5001, 10, 1600), (4100, 31, 1000)])
+def test_inference_kernel_for_small_kernels_is_exact(m, n, k):
+    """Packed inference gives small kernels (at most 1024 words) the fusible direct kernel at any batch;
+    large M, N or K not multiples of 8 or 32: the same integers as the isolated blocked kernel."""
+    rng = np.random.default_rng(m + n + k)
+    a, b = pm1(rng, (m, k)), pm1(rng, (n, k))
+    pa, pb = pk.pack_bits(a), pk.pack_bits(b)
+    fused = str(jax.make_jaxpr(lambda x, y: pk.xnor_matmul(x, y, k, inference=True))(pa, pb))
+    assert "cond" not in fused  # the direct kernel, not the isolated blocked one
+    assert "cond" in str(jax.make_jaxpr(lambda x, y: pk.xnor_matmul(x, y, k))(pa, pb))
+    out = jax.jit(lambda x, y: pk.xnor_matmul(x, y, k, inference=True))(pa, pb)
+    np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 40), st.integers(1, 300), st.integers(0, 2 ** 31))
 def test_xnor_matmul_property(m, n, k, seed):
