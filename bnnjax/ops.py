@@ -221,8 +221,8 @@ class _Im2col:
         For tap ``t`` (offset ``o_t``): ``dK_t = A_t^T g`` with ``A_t`` the ±1 input under the tap (zero
         at zero-padded positions), unpacked from the words straight into the ``(C, M)`` layout, and
         ``dx[o_t + s p] += (g K_t^T)[p]``. A ``lax.scan`` over the kernel's rows keeps one row's taps
-        (``kw`` of them: one dot per operand and one pass over ``dx`` per row) alive instead of the
-        ``kh``-times larger patches and their gradient. Patches of up to ``_WHOLE_PATCHES_MAX_BYTES`` as
+        (``kw`` of them: one ``g K_row^T`` dot and one pass over ``dx`` per row, one ``A_t^T g`` dot per
+        tap) alive instead of the ``kh``-times larger patches and their gradient. Patches of up to ``_WHOLE_PATCHES_MAX_BYTES`` as
         floats take :func:`_backward_from_rows` instead: two dots, faster where memory is no concern.
         ``bf16``: bfloat16 operands (exact ±1 and kernel signs, ``g`` rounded), float32 accumulation."""
         n, (ho, wo), c = self.in_shape[0], self.out_spatial, self.in_shape[-1]
@@ -250,14 +250,17 @@ class _Im2col:
 
         def row(dx, i):
             w = jax.lax.dynamic_slice(words_t, (0, 0, i * dh, 0), (words.shape[-1], n, window[0], words.shape[2]))
-            # each tap unpacked in its slice's own 4-D shape (flattened first, each element's pixel index
-            # was divided back into (n, row, column) to find its word) and stacked as the floats' bit
-            # patterns (stacked as bfloat16, XLA:CPU converted every element to float32 and back;
-            # unpacking the stacked words of the row's taps ran 1.4x slower)
-            taps = [packing._bit_patterns(w[:, :, ::sh, j * dw:j * dw + window[1]:sw], c, dtype, 0) for j in range(kw)]
-            a = jax.lax.bitcast_convert_type(jnp.stack(taps), dtype).reshape(kw, c, n, ho * wo)
-            if valid is not None:
-                a = a * valid[i]
+            dks = []
+            for j in range(kw):
+                def unpack(j=j):
+                    a = packing.unpack_bits(w[:, :, ::sh, j * dw:j * dw + window[1]:sw], c, dtype, 0)
+                    return a if valid is None else (a.reshape(c, n, -1) * valid[i, j]).reshape(a.shape)
+
+                # each tap's A_t unpacked on its own, in its slice's (C, n, Ho, Wo) shape: flattened inside
+                # the unpacking loop, each element's pixel index was divided back into (n, row, column)
+                # (5x slower), and stacking a row's taps there ran the loop 4x slower than three of them
+                a_t = _materialized(unpack, probe, (c, n, ho, wo), dtype)
+                dks.append(dot(a_t.reshape(c, -1), gd))
             da = dot(gd, k_rows[i]).reshape(n, ho, wo, kw, c)
             if (sh, sw) != (1, 1):
                 da = jax.lax.pad(da, jnp.zeros((), da.dtype),
@@ -268,7 +271,7 @@ class _Im2col:
                                                                (0, 0, 0))) for j in range(kw))
             start = (0, i * dh, 0, 0)
             dx = jax.lax.dynamic_update_slice(dx, jax.lax.dynamic_slice(dx, start, contrib.shape) + contrib, start)
-            return dx, dot(a.reshape(kw * c, -1), gd)
+            return dx, jnp.concatenate(dks)
 
         shape = words.shape[:3] + (c,)
         dx0 = _materialized(lambda: jnp.zeros(shape, jnp.float32), probe, shape, jnp.float32)
