@@ -14,7 +14,11 @@ Use from a script::
     from _results import append          # experiments/ is on sys.path when a script there runs
     append("results/kernels.jsonl", row)  # row + provenance, one line appended
 
-``read(path)`` returns the rows of a file (blank lines skipped).
+``read(path)`` returns the rows of a file (blank lines skipped). A peer's line (printed in its own
+virtualenv) is appended from the shell::
+
+    PEER_COMMAND | python experiments/_results.py results/FILE.jsonl --command "PEER_COMMAND" \
+        --set benchmark=train_quicknet_peer --set series=S --set round=1
 """
 
 from __future__ import annotations
@@ -130,3 +134,34 @@ def append(path: str | os.PathLike, row: dict, *, command: str | None = None) ->
 def read(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSON-lines file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def main(argv=None) -> None:
+    """Append the last JSON line on standard input to a results file, with ``--set KEY=VALUE`` pairs
+    (JSON values where they parse) and the given command; the peer's own ``versions`` are kept."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("path")
+    p.add_argument("--command", required=True, help="the command line that printed the line")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    a = p.parse_args(argv)
+    lines = [line for line in sys.stdin.read().splitlines() if line.strip().startswith("{")]
+    if not lines:
+        raise SystemExit("error: no JSON line on standard input; run the peer command and pipe its output here")
+    row = json.loads(lines[-1])
+    for kv in a.set:
+        key, _, value = kv.partition("=")
+        try:
+            row[key] = json.loads(value)
+        except json.JSONDecodeError:
+            row[key] = value
+    peer_versions = {k: row.pop(k) for k in ("larq", "larq-zoo", "larq-compute-engine", "tensorflow", "tensorflow-cpu",
+                                             "tf-keras") if isinstance(row.get(k), str)}
+    if peer_versions or isinstance(row.get("versions"), dict):
+        row["versions"] = {**row.get("versions", {}), **peer_versions}
+    print(json.dumps(append(a.path, row, command=a.command)))
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,7 @@ def best_ms(fn, *args, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default=None, help="also append each line, with its provenance, to this results file")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     f32 = jax.jit(lambda x, y: jnp.dot(x, y.T))
@@ -52,6 +53,10 @@ def main(argv=None):
         row["packed_vs_int8"] = round(row["int8_ms"] / row["packed_ms"], 2)
         row["exact"] = bool(np.array_equal(np.asarray(packed(xp, yp)), np.asarray(f32(xf, yf)).astype(np.int32)))
         row["kernel"] = packing.backend_kernel()
+        if a.out:
+            from _results import append  # experiments/ is on sys.path when this script runs
+
+            row = append(a.out, row)
         print(json.dumps(row), flush=True)
 
 

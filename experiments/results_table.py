@@ -227,7 +227,7 @@ def train_quicknet(results_dir: Path = RESULTS) -> str:
             rss = f" ({r['peak_rss_MiB'] / peer['peak_rss_MiB']:.2f}x)" if peer else ""
             out.append([f"bnnjax {r['api']}, {r['residuals']} residuals", r["batch_size"], f"{r['step_s']:.2f} s{ratio}",
                         f"{r['temp_MiB']:,.0f} MiB", f"{r['peak_rss_MiB']:,.0f} MiB{rss}", f"{r['images_per_second']:.1f}"])
-    table = _table(["", "batch", "s/step (median of 3)", "compiled temp", "peak RSS", "img/s"], out)
+    table = _table(["", "batch", "s/step (median)", "compiled temp", "peak RSS", "img/s"], out)
     mem: dict[int, dict] = {}
     for r in rows:
         if r.get("benchmark") == "train_quicknet" and r.get("api") == "linen":
