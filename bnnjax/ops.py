@@ -222,9 +222,10 @@ class _Im2col:
         at zero-padded positions), unpacked from the words straight into the ``(C, M)`` layout, and
         ``dx[o_t + s p] += (g K_t^T)[p]``. A ``lax.scan`` over the kernel's rows keeps one row's taps
         (``kw`` of them: one ``g K_row^T`` dot and one pass over ``dx`` per row, one ``A_t^T g`` dot per
-        tap) alive instead of the ``kh``-times larger patches and their gradient. Patches of up to ``_WHOLE_PATCHES_MAX_BYTES`` as
-        floats take :func:`_backward_from_rows` instead: two dots, faster where memory is no concern.
-        ``bf16``: bfloat16 operands (exact ±1 and kernel signs, ``g`` rounded), float32 accumulation."""
+        tap) alive instead of the ``kh``-times larger patches and their gradient. Patches of up to
+        ``_WHOLE_PATCHES_MAX_BYTES`` as floats take :func:`_backward_from_rows` instead: two dots, faster
+        where memory is no concern. ``bf16``: bfloat16 operands (exact ±1 and kernel signs, ``g``
+        rounded), float32 accumulation."""
         n, (ho, wo), c = self.in_shape[0], self.out_spatial, self.in_shape[-1]
         taps = int(np.prod(self.kernel_spatial))
         if n * ho * wo * taps * c * 4 <= _WHOLE_PATCHES_MAX_BYTES:  # small: one dot per operand is faster
@@ -243,10 +244,7 @@ class _Im2col:
         dot = lambda a, b: jnp.dot(a, b, precision=None if bf16 else precision, preferred_element_type=jnp.float32)
         valid = jnp.asarray(self._valid_taps().reshape(kh, kw, 1, 1, -1), dtype) if self.padded else None
         window = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
-        # the words channel-major once per layer (1/32 of x): each tap's A_t then unpacks along its
-        # contiguous pixel axis; transposing every tap's words inside the unpack ran 2.7x slower
-        words_t = _materialized(lambda: words.transpose(3, 0, 1, 2), probe, (words.shape[3],) + words.shape[:3],
-                                words.dtype)
+        words_t = self._channel_major(words, probe)
 
         def row(dx, i):
             w = jax.lax.dynamic_slice(words_t, (0, 0, i * dh, 0), (words.shape[-1], n, window[0], words.shape[2]))
@@ -308,19 +306,23 @@ class _Im2col:
         made channel-major first and each tap unpacked along its contiguous pixel axis (2.7x faster than
         unpacking the transposed patches' words).
         """
-        c, (sh, sw) = self.in_shape[-1], self.strides
-        words_t = _materialized(lambda: words.transpose(3, 0, 1, 2), words[(0,) * words.ndim],
-                                (words.shape[3],) + words.shape[:3], words.dtype)
-        taps = []
-        for offs in np.ndindex(*self.kernel_spatial):
-            (i, j), (dh, dw), (ho, wo) = offs, self.dilation, self.out_spatial
-            w = words_t[:, :, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
-            taps.append(w)
+        c, (sh, sw), (dh, dw), (ho, wo) = self.in_shape[-1], self.strides, self.dilation, self.out_spatial
+        words_t = self._channel_major(words, words[(0,) * words.ndim])
+        taps = [words_t[:, :, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
+                for i, j in np.ndindex(*self.kernel_spatial)]
         # the taps' words stacked (small), then unpacked in one loop: stacking unpacked taps ran 2x slower
         a_t = packing.unpack_bits(jnp.stack(taps), c, dtype, axis=1)  # (taps, C, n, Ho, Wo)
         if self.padded:
             a_t = a_t.reshape(len(taps), c, self.in_shape[0], -1) * jnp.asarray(self._valid_taps(), dtype)
         return a_t.reshape(len(taps) * c, -1)
+
+    @staticmethod
+    def _channel_major(words, probe):
+        """:meth:`packed_input`'s words as ``(Wc, N, H, W)``, materialized once `probe` exists: each tap's
+        ``A_t`` then unpacks along its contiguous pixel axis (transposing every tap's words inside the
+        unpacking loop ran 2.7x slower)."""
+        return _materialized(lambda: words.transpose(3, 0, 1, 2), probe, (words.shape[3],) + words.shape[:3],
+                             words.dtype)
 
     @property
     def padded(self) -> bool:
@@ -367,8 +369,8 @@ class _Rows:
     def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False):
         return packing.xnor_matmul(rows, words, k, inference=inference).astype(jnp.float32)
 
-    def unpacked_transposed(self, rows, dtype):
-        return packing.unpack_bits(rows.T, self.in_shape[-1], dtype, axis=0)
+    def unpacked_transposed(self, words, dtype):
+        return packing.unpack_bits(words.T, self.in_shape[-1], dtype, axis=0)
 
 
 # Float patches up to this size are unpacked whole for the backward pass (two dots: fast); larger ones,

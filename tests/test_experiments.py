@@ -177,3 +177,21 @@ def test_cli_prints_data_errors_as_one_line_and_exits_2(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("error: dataset 'mnist' (train)") and err.count("\n") == 1 and "Traceback" not in err
     assert f"{url}/mnist/train-images-idx3-ubyte.gz" in err and "BNNJAX_DATASET_MIRROR" in err
+
+
+def test_results_appends_a_peers_printed_line_with_its_provenance(tmp_path, monkeypatch, capsys):
+    import io
+
+    results = script("_results")
+    out = tmp_path / "peer.jsonl"
+    printed = 'TF noise\n{"peer": "larq", "larq": "0.14.0", "tensorflow": "2.19.1", "epochs": [1]}\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(printed))
+    results.main([str(out), "--command", "python peer.py 3", "--set", "round=2", "--set", "series=row backward"])
+    row, = results.read(out)
+    assert row["round"] == 2 and row["series"] == "row backward" and row["epochs"] == [1]
+    assert row["versions"] == {"larq": "0.14.0", "tensorflow": "2.19.1"}  # the peer's, not this process's
+    assert row["command"] == "python peer.py 3" and set(results.PROVENANCE_KEYS) <= set(row)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("no JSON here\n"))
+    with pytest.raises(SystemExit, match="no JSON line on standard input"):
+        results.main([str(out), "--command", "x"])
+    assert len(results.read(out)) == 1
