@@ -23,6 +23,7 @@ CPU or, cross-compiled, for aarch64 (Raspberry Pi 4, Apple M1).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -51,7 +52,14 @@ class ExportError(ValueError):
 
 
 def _pack_kernel(box: L.QuantParam) -> pk.PackedKernel:
-    latent = jnp.asarray(box.value, jnp.float32)
+    return _packed(jnp.asarray(box.value, jnp.float32), box.precision, box.quantizer, box.packable)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _packed(latent, precision: int, quantizer: str, packable: bool) -> pk.PackedKernel:
+    # one compiled program per kernel shape: run op by op, packing's 32 shifted slices per word compiled
+    # one by one (4 s for the three kernels of a small CNN)
+    box = L.QuantParam(latent, precision, quantizer, packable)
     if box.quantizer == "abc":
         bases, alpha = L.abc_weight_bases(latent, box.precision)
         return pk.PackedKernel(jnp.stack([pk.pack_kernel(b) for b in bases]), tuple(latent.shape), alpha=alpha)

@@ -801,10 +801,43 @@ def _check_features(layer: str, x, kernel_shape, groups: int = 1, what: str = "i
                          f"build the layer with {what}={x.shape[-1]}.")
 
 
+def _hashable(v):
+    return tuple(_hashable(e) for e in v) if isinstance(v, (list, tuple)) else v
+
+
+def _compiled_when_eager(fn):
+    """``fn`` run as one compiled program when called on concrete arrays (an NNX model or
+    ``model.apply`` called without ``jit``), as itself inside a trace.
+
+    Op by op, a packed layer's bit packing and word loops compile as dozens of tiny programs (seconds
+    for a small CNN's first call); under ``jit`` this function is traced inline as before. The keyword
+    arguments are static, except ``rng``.
+    """
+    jitted = jax.jit(fn, static_argnames=[k for k in fn.__code__.co_varnames[fn.__code__.co_argcount:
+                                                                             fn.__code__.co_argcount
+                                                                             + fn.__code__.co_kwonlyargcount]
+                                          if k != "rng"])
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        leaves = jax.tree.leaves((args, kwargs.get("rng")))
+        if all(isinstance(v, (np.ndarray, jax.Array)) and not isinstance(v, jax.core.Tracer) for v in leaves):
+            static = {k: _hashable(v) for k, v in kwargs.items()}
+            try:
+                hash(tuple(v for k, v in static.items() if k != "rng"))
+            except TypeError:
+                return fn(*args, **kwargs)
+            return jitted(*args, **static)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _add_bias(y, bias):
     return y if bias is None else y + bias
 
 
+@_compiled_when_eager
 def quant_dense(x, kernel, bias=None, *, input_quantizer=None, kernel_quantizer=None, precision=None, dtype=None,
                 rng=None):
     """A quantized dense layer: ``y = q_in(x) @ q_k(W) + b``.
@@ -854,6 +887,7 @@ def quant_dense(x, kernel, bias=None, *, input_quantizer=None, kernel_quantizer=
     return _add_bias(y, bias)
 
 
+@_compiled_when_eager
 def quant_conv(x, kernel, bias=None, *, strides=1, padding="SAME", pad_values: float = 0.0, input_dilation=1,
                kernel_dilation=1, feature_group_count: int = 1, input_quantizer=None, kernel_quantizer=None,
                precision=None, dtype=None, rng=None):
@@ -960,6 +994,7 @@ def _abc(x, kernel, bias, shift, beta, num_weight_bases, dtype, op, packed_op):
     return _add_bias(op(x, w_hat), bias)
 
 
+@_compiled_when_eager
 def abc_dense(x, kernel, bias=None, shift=None, beta=None, *, num_weight_bases: int = 3, precision=None, dtype=None):
     """ABC-Net's dense layer: ``y = sum_n beta_n sum_m alpha_m (A_n @ B_m) + b``.
 
@@ -977,6 +1012,7 @@ def abc_dense(x, kernel, bias=None, shift=None, beta=None, *, num_weight_bases: 
     return _abc(x, kernel, bias, shift, beta, num_weight_bases, dtype, dot, packed)
 
 
+@_compiled_when_eager
 def abc_conv(x, kernel, bias=None, shift=None, beta=None, *, strides=1, padding="SAME", kernel_dilation=1,
              num_weight_bases: int = 3, precision=None, dtype=None):
     """ABC-Net's convolution (1-3 D): ``y = sum_n beta_n sum_m alpha_m conv(A_n, B_m) + b``; see

@@ -343,7 +343,8 @@ def current_learning_rate(state) -> float | None:
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, timeout_seconds: int = 120) -> None:
+                           process_id: int | None = None, *, timeout_seconds: int = 120,
+                           heartbeat_timeout_seconds: int | None = None) -> None:
     """Join a multi-process run (``jax.distributed.initialize``) with CPU collectives over gloo.
 
     With no arguments JAX detects the cluster (SLURM, Open MPI, Kubernetes, TPU pods); on a machine of
@@ -353,8 +354,16 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     A process that dies is noticed by the others in their next collective, which fails at once: the
     engine raises :class:`PeerLostError` (the scripts print it as one line and exit with status 2). A
     process that hangs, or a death no collective sees, is noticed by JAX's coordination service after
-    ``timeout_seconds`` without heartbeats: it terminates the others with "the JAX distributed service
-    detected fatal errors ... another task died". Either way nobody waits forever.
+    ``heartbeat_timeout_seconds`` without heartbeats: it terminates the others with "the JAX
+    distributed service detected fatal errors ... another task died". Either way nobody waits forever.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0 (None: detect the cluster).
+      num_processes, process_id: this run's size and this process's rank (None: detect).
+      timeout_seconds: how long the processes wait for each other to start.
+      heartbeat_timeout_seconds: silence after which a process counts as dead (default
+        ``timeout_seconds``); shorter stops a run sooner after a crash, but a process too busy to send
+        heartbeats that long is then taken for dead.
     """
     # CPU collectives between processes (the default is none); accelerators bring their own. Nothing
     # here may touch a backend: initialize() must come first.
@@ -362,7 +371,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     kwargs = {}
     params = inspect.signature(jax.distributed.initialize).parameters
     if "heartbeat_timeout_seconds" in params:
-        kwargs["heartbeat_timeout_seconds"] = timeout_seconds
+        kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds or timeout_seconds
     if "initialization_timeout" in params:
         kwargs["initialization_timeout"] = timeout_seconds
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)

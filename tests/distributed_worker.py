@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bnnjax import train  # noqa: E402
 
 if nproc > 1:
-    train.initialize_distributed(f"127.0.0.1:{port}", nproc, pid, timeout_seconds=30)
+    # the dying run waits for the coordination service's verdict: a short heartbeat timeout bounds it
+    train.initialize_distributed(f"127.0.0.1:{port}", nproc, pid, timeout_seconds=60,
+                                 heartbeat_timeout_seconds=30 if mode == "train" else 8)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

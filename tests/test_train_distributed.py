@@ -92,7 +92,7 @@ def test_both_processes_write_one_checkpoint_and_resume_exactly(runs):
 def test_a_dying_process_stops_the_others_with_a_clear_error(tmp_path):
     """The survivor stops within a bounded time with an error saying a process died: bnnjax's
     PeerLostError when its next collective fails (the usual case), else JAX's coordination service
-    after the 30 s heartbeat timeout."""
+    after the worker's 8 s heartbeat timeout."""
     codes, outputs, seconds = _launch("die", 2, tmp_path, tmp_path / "die.json", timeout=240)
     assert codes[1] == 3, outputs[1][-2000:]  # the one that crashed
     assert codes[0] != 0 and seconds < 200, outputs[0][-3000:]
