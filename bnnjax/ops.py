@@ -740,7 +740,11 @@ def packed_conv(x, kernel: packing.PackedKernel, *, strides=1, padding="SAME", p
     return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def _bases_product(lhs, x, kernel, shifts, betas, zero_padded=True):
+    # jit: layers of the same shapes share one lowered function, the weights its arguments, so an
+    # exported model holds each distinct layer's code once (XLA inlines the calls and still folds
+    # constant weights)
     if shifts is None:
         return _packed_product(lhs, lhs.packed_rows(x), kernel, zero_padded)
     y = None

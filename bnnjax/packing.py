@@ -136,6 +136,40 @@ def unblock_rows(y, m: int):
     return y.transpose(0, 2, 1).reshape(mb * b, n)[:m]
 
 
+def _word_chunk(w: int, most: int = 16) -> int:
+    """Words per unrolled chunk of the word loop: the largest divisor of ``w`` up to ``most`` (a
+    convolution's words per tap, or a multiple of them), or all ``w`` when that divisor is small."""
+    c = max(d for d in range(1, min(w, most) + 1) if w % d == 0)
+    return c if c >= 4 else w
+
+
+def _chunked(popcounts, a, a_axis: int, b, b_axis: int):
+    # one unrolled function per chunk shape, called once per chunk: XLA inlines the calls and fuses
+    # the sum into one loop (the same program as unrolling every word), while a serialized model
+    # (jax.export, IREE) holds each chunk's unrolled code once
+    w = b.shape[b_axis]
+    c = _word_chunk(w)
+    acc = None
+    for j in range(0, w, c):
+        t = popcounts(lax.slice_in_dim(a, j, j + c, axis=a_axis), lax.slice_in_dim(b, j, j + c, axis=b_axis))
+        acc = t if acc is None else acc + t
+    return acc
+
+
+def _word(x, i: int, axis: int):
+    return lax.slice_in_dim(x, i, i + 1, axis=axis)
+
+
+@jax.jit
+def _blocked_popcounts(a_blocked, b_rows):
+    # (M/8, c, 8) and (1, N, c) words -> (M/8, N, 8): each word one slice of each operand, broadcast
+    acc = None
+    for i in range(a_blocked.shape[1]):
+        t = lax.population_count(_word(a_blocked, i, 1) ^ _word(b_rows, i, 2))
+        acc = t if acc is None else acc + t
+    return acc
+
+
 def xnor_matmul_blocked(a_blocked, b, k: int):
     """XNOR-popcount product in the row-blocked layout: ``(M/8, W, 8) x (N, W) -> (M/8, N, 8)`` int32.
 
@@ -145,11 +179,7 @@ def xnor_matmul_blocked(a_blocked, b, k: int):
     w = a_blocked.shape[1]
     if b.shape[1] != w:
         raise ValueError(f"operands have {w} and {b.shape[1]} words along the contraction axis.")
-    acc = None
-    for i in range(w):
-        t = lax.population_count(a_blocked[:, None, i, :] ^ b[None, :, i, None])
-        acc = t if acc is None else acc + t
-    return k - 2 * acc.astype(jnp.int32)
+    return k - 2 * _chunked(_blocked_popcounts, a_blocked, 1, b[None], 2).astype(jnp.int32)
 
 
 def _xnor_int8(a, b, k):
@@ -174,13 +204,19 @@ def _unfused(fn, probe, out_shape, out_dtype):
     return lax.cond(always, fn, lambda: jnp.zeros(out_shape, out_dtype))
 
 
-def _xnor_direct(a, b, k):
-    # small M (batch-1 inference): one fused loop over the (M, N) output, no blocking or padding
+@jax.jit
+def _direct_popcounts(a, b_cols):
+    # (M, c) and (c, N) words -> (M, N)
     acc = None
     for i in range(a.shape[1]):
-        t = lax.population_count(a[:, None, i] ^ b[None, :, i])
+        t = lax.population_count(_word(a, i, 1) ^ _word(b_cols, i, 0))
         acc = t if acc is None else acc + t
-    return k - 2 * acc.astype(jnp.int32)
+    return acc
+
+
+def _xnor_direct(a, b, k):
+    # small M (batch-1 inference): one fused loop over the (M, N) output, no blocking or padding
+    return k - 2 * _chunked(_direct_popcounts, a, 1, b.T, 0).astype(jnp.int32)
 
 
 _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional cost more than they save

@@ -240,7 +240,13 @@ def test_artifact_runs_with_jax_alone_at_any_batch_size(tmp_path, seed000):
     subprocess.run([sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "x.npy"),
                     str(tmp_path / "y.npy")], check=True, cwd=tmp_path, capture_output=True)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), apply(v, x5), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(export.load_artifact(path).call(x5), apply(packed, x5), rtol=1e-5, atol=1e-5)
+    deployed = export.load_artifact(path)
+    np.testing.assert_allclose(deployed.call(x5), apply(packed, x5), rtol=1e-5, atol=1e-5)
+    # the program without source locations (strip-debuginfo), smaller than jax.export's own
+    text = deployed.mlir_module()
+    assert ".py" not in text and "bnnjax" not in text
+    assert size < len(jax.export.export(jax.jit(lambda a: model.apply(packed, a)))(
+        jax.ShapeDtypeStruct((jax.export.symbolic_shape("b")[0], 28, 28, 1), jnp.float32)).serialize())
     (tmp_path / "bad.stablehlo").write_bytes(b"nonsense")
     with pytest.raises(ValueError, match="not a jax.export artifact"):
         export.load_artifact(tmp_path / "bad.stablehlo")

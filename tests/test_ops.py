@@ -76,3 +76,22 @@ def test_depthwise_taps_match_grouped_convolution_values_and_gradients(shape, ke
     g, g_ref = (jax.grad(lambda x, k: jnp.sum(f(x, k) * w), argnums=(0, 1))(x, k) for f in (ours, ref))
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn,kernel_shape,kw", [
+    (ops.quant_conv, (3, 3, 3, 4), dict(strides=[2, 1], padding=[(1, 1), (0, 2)])),
+    (ops.quant_conv, (3, 3, 3, 4), dict(padding="SAME", pad_values=1.0)),
+    (ops.quant_dense, (3, 4), {}),
+])
+def test_eager_layer_call_is_one_compiled_program_with_the_traced_values(fn, kernel_shape, kw, caplog):
+    """Called on concrete arrays a quantized layer runs as one jitted program (list-valued arguments
+    made hashable), not op by op; its values are those of the same call traced inside jit."""
+    rng = np.random.default_rng(len(kw))
+    x = rng.normal(size=(2, 6, 7, 3)).astype(np.float32)  # numpy: making the inputs compiles nothing
+    k = rng.normal(size=kernel_shape).astype(np.float32)
+    kw = dict(kw, input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        eager = fn(x, k, **kw)
+    compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert len(compiled) == 1, compiled
+    np.testing.assert_array_equal(eager, jax.jit(lambda a, b: fn(a, b, **kw))(x, k))

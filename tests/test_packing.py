@@ -47,6 +47,23 @@ def test_inference_kernel_for_small_kernels_is_exact(m, n, k):
     np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
 
 
+@pytest.mark.parametrize("words,chunk", [(5, 5), (7, 7), (18, 9), (36, 12), (144, 16), (34, 34)])
+def test_word_loop_in_chunks_is_exact(words, chunk):
+    """The unrolled word loop runs in chunks of one shared function (a divisor of the word count, or
+    all words when the only divisors are small): both kernels give the exact product, and each chunk
+    function appears once in the lowered program."""
+    assert pk._word_chunk(words) == chunk
+    rng = np.random.default_rng(words)
+    k = 32 * words - 3
+    a, b = pm1(rng, (3000, k)), pm1(rng, (24, k))  # large enough for the blocked kernel
+    pa, pb = pk.pack_bits(a), pk.pack_bits(b)
+    for inference in (False, True):
+        fn = jax.jit(lambda x, y: pk.xnor_matmul(x, y, k, inference=inference))
+        np.testing.assert_array_equal(fn(pa, pb), (a @ b.T).astype(np.int32))
+        text = fn.lower(pa, pb).as_text()
+        assert text.count("stablehlo.popcnt") == chunk, text.count("stablehlo.popcnt")
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 40), st.integers(1, 300), st.integers(0, 2 ** 31))
 def test_xnor_matmul_property(m, n, k, seed):
