@@ -3,7 +3,7 @@
 larq-zoo's QuickNet with its initial BatchNorm statistics and with random ones.
 
     PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python TF_USE_LEGACY_KERAS=1 /tmp/peer/bin/python \\
-        experiments/peer_lce_size.py | python experiments/_results.py results/inference_quicknet.jsonl \\
+        experiments/peer_lce_size.py | python experiments/_results.py results/peer_quicknet_tflite_size.jsonl \\
         --command "experiments/peer_lce_size.py"
 
 Initial statistics (mean 0, variance 1, scale 1, offset 0) let LCE's converter fold every BatchNorm
@@ -12,6 +12,7 @@ here), which LCE must keep as per-channel multipliers and offsets. Prints one JS
 """
 import json
 import os
+from importlib import metadata
 
 import numpy as np
 
@@ -30,6 +31,7 @@ def main():
             layer.moving_mean.assign(rng.uniform(0.5, 2.0, layer.moving_mean.shape).astype(np.float32))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape).astype(np.float32))
     res["tflite_bytes_random_stats"] = len(lce.convert_keras_model(model))
+    res.update({name: metadata.version(name) for name in ("larq-zoo", "larq-compute-engine", "tensorflow")})
     print(json.dumps(res))
 
 

@@ -7,7 +7,7 @@
 
 Tables (``--table``): ``runs`` (``results/<run>/result.json`` and ``log.jsonl``), ``kernels``
 (``kernels.jsonl``), ``inference`` and ``inference_sizes`` (``inference_seed000.jsonl``,
-``inference_quicknet.jsonl``), ``peer_inference`` (``peer_quicknet_inference.jsonl`` beside bnnjax's
+``inference_quicknet.jsonl``, ``peer_quicknet_tflite_size.jsonl``), ``peer_inference`` (``peer_quicknet_inference.jsonl`` beside bnnjax's
 QuickNet), ``train`` (``train_seed000.jsonl`` beside ``peer_larq_seed000.jsonl``, round by round),
 ``input`` (``input_pipeline.jsonl``, ``zoo_eval_smoke.jsonl``), ``zoo_parity`` (``zoo_parity.jsonl``)
 and ``zoo`` (the 14 zoo models: published accuracy, ``bnnjax.summary``'s figures, parameters from
@@ -154,6 +154,11 @@ def inference_sizes(results_dir: Path = RESULTS) -> str:
             sizes.setdefault(r["model"], {})[r["path"]] = r["bytes"]
     rows = [[MODEL_NAMES.get(m, m), *(f"{s[p]:,}" if p in s else "-" for p in ("packed", "artifact", "iree"))]
             for m, s in sizes.items()]
+    lce = Path(results_dir) / "peer_quicknet_tflite_size.jsonl"
+    if lce.exists():  # the same model and BatchNorm statistics as bench_inference's QuickNet
+        peer = _latest(read(lce))[-1]
+        rows.append([f"QuickNet: LCE {peer['versions'].get('larq-compute-engine', '')} .tflite (same statistics)",
+                     "-", f"{peer['tflite_bytes_random_stats']:,}", "-"])
     return _table(["model", "packed variables (bytes)", "StableHLO artifact (bytes)", "IREE module (bytes)"], rows)
 
 
@@ -336,8 +341,12 @@ def headline(results_dir: Path = RESULTS) -> str:
         rows.append(["QuickNet inference, batch 1, 224x224", f"{f['quicknet_artifact_b1']} (StableHLO artifact)",
                      f"LCE x86, 2 threads: {f['lce_t2_b1']}; Keras/Larq float: {f['keras_b1']}; "
                      f"LCE on an Apple M1 (published): {f['lce_published_apple_m1']}"])
-        rows.append(["QuickNet model size", f"{f['quicknet_packed_bytes']} bytes (packed variables)",
-                     f"LCE's .tflite: {f['lce_tflite_bytes']} bytes"])
+        if "lce_tflite_random_bytes" in f:  # the same model, the same BatchNorm statistics
+            rows.append(["QuickNet file, ready to run", f"{f['quicknet_artifact_bytes']} bytes (StableHLO artifact)",
+                         f"LCE's .tflite: {f['lce_tflite_random_bytes']} bytes"])
+        else:
+            rows.append(["QuickNet model size", f"{f['quicknet_packed_bytes']} bytes (packed variables)",
+                         f"LCE's .tflite: {f['lce_tflite_bytes']} bytes"])
     if "seed000_artifact_b1000" in f:
         rows.append(["seed 000 inference, batch 1000", f"{f['seed000_artifact_b1000']} (artifact)",
                      f"bnnjax float: {f['seed000_float_b1000']}"])
@@ -411,6 +420,14 @@ def summary_figures(results_dir: Path = RESULTS) -> dict[str, str]:
             a = get("quicknet", "artifact", 1)["latency_ms"]
             out["quicknet_vs_lce"] = f"{peer['lce_t2_b1_ms'] / a:.0f}x"
             out["quicknet_vs_keras"] = f"{peer['keras_b1_ms'] / a:.1f}x"
+    size_file = d / "peer_quicknet_tflite_size.jsonl"
+    if size_file.exists():
+        peer = _latest(read(size_file))[-1]
+        out["lce_tflite_random_bytes"] = f"{peer['tflite_bytes_random_stats']:,}"
+        out["lce_tflite_initial_bytes"] = f"{peer['tflite_bytes_initial_stats']:,}"
+        if get("quicknet", "artifact", 1):
+            ratio = get("quicknet", "artifact", 1)["bytes"] / peer["tflite_bytes_random_stats"]
+            out["quicknet_artifact_vs_tflite"] = f"{ratio:.4f}x"
     for dev, ms in LCE_PUBLISHED_MS.items():
         out["lce_published_" + dev.lower().replace(" ", "_")] = _ms(ms)
     rounds = _rounds(d) if (d / "train_seed000.jsonl").exists() else []
