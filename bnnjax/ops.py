@@ -716,7 +716,7 @@ def packed_dense(x, kernel: packing.PackedKernel, shifts=None, betas=None):
     """
     _check_packed(x, kernel, 2)
     lhs = _Rows(tuple(x.shape))
-    y = _bases_product(lhs, x, kernel, shifts, betas)
+    y = _bases_product(lhs, x, kernel, shifts, betas, True, packing.backend_kernel())
     return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
@@ -736,15 +736,16 @@ def packed_conv(x, kernel: packing.PackedKernel, *, strides=1, padding="SAME", p
     if pad_values not in (0.0, 1.0) and any(p != (0, 0) for p in pads):
         raise ValueError(f"packed convolutions pad with 0.0 or 1.0, got pad_values={pad_values}.")
     im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:2]), strides, pads, dilation)
-    y = _bases_product(im2col, x, kernel, shifts, betas, zero_padded=pad_values == 0.0)
+    y = _bases_product(im2col, x, kernel, shifts, betas, pad_values == 0.0, packing.backend_kernel())
     return y.reshape((x.shape[0],) + im2col.out_spatial + (kernel.shape[-1],))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _bases_product(lhs, x, kernel, shifts, betas, zero_padded=True):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _bases_product(lhs, x, kernel, shifts, betas, zero_padded: bool, backend_kernel: str):
     # jit: layers of the same shapes share one lowered function, the weights its arguments, so an
     # exported model holds each distinct layer's code once (XLA inlines the calls and still folds
-    # constant weights)
+    # constant weights). backend_kernel, the XNOR kernel chosen for this backend at trace time, is
+    # part of the cache key: a trace for one backend is not reused for another.
     if shifts is None:
         return _packed_product(lhs, lhs.packed_rows(x), kernel, zero_padded)
     y = None

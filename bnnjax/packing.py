@@ -143,7 +143,23 @@ def _word_chunk(w: int, most: int = 16) -> int:
     return c if c >= 4 else w
 
 
-def _chunked(popcounts, a, a_axis: int, b, b_axis: int):
+def _word(x, i: int, axis: int):
+    return lax.slice_in_dim(x, i, i + 1, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _popcounts(a, a_axis: int, b, b_axis: int):
+    # sum_w popcount(a_w XOR b_w) over the words along a_axis and b_axis, unrolled: each word one
+    # slice of each operand, broadcast against the other (blocked: (M/8, c, 8) x (1, N, c) ->
+    # (M/8, N, 8); direct: (M, c) x (c, N) -> (M, N))
+    acc = None
+    for i in range(a.shape[a_axis]):
+        t = lax.population_count(_word(a, i, a_axis) ^ _word(b, i, b_axis))
+        acc = t if acc is None else acc + t
+    return acc
+
+
+def _chunked(a, a_axis: int, b, b_axis: int):
     # one unrolled function per chunk shape, called once per chunk: XLA inlines the calls and fuses
     # the sum into one loop (the same program as unrolling every word), while a serialized model
     # (jax.export, IREE) holds each chunk's unrolled code once
@@ -151,21 +167,8 @@ def _chunked(popcounts, a, a_axis: int, b, b_axis: int):
     c = _word_chunk(w)
     acc = None
     for j in range(0, w, c):
-        t = popcounts(lax.slice_in_dim(a, j, j + c, axis=a_axis), lax.slice_in_dim(b, j, j + c, axis=b_axis))
-        acc = t if acc is None else acc + t
-    return acc
-
-
-def _word(x, i: int, axis: int):
-    return lax.slice_in_dim(x, i, i + 1, axis=axis)
-
-
-@jax.jit
-def _blocked_popcounts(a_blocked, b_rows):
-    # (M/8, c, 8) and (1, N, c) words -> (M/8, N, 8): each word one slice of each operand, broadcast
-    acc = None
-    for i in range(a_blocked.shape[1]):
-        t = lax.population_count(_word(a_blocked, i, 1) ^ _word(b_rows, i, 2))
+        t = _popcounts(lax.slice_in_dim(a, j, j + c, axis=a_axis), a_axis, lax.slice_in_dim(b, j, j + c, axis=b_axis),
+                       b_axis)
         acc = t if acc is None else acc + t
     return acc
 
@@ -179,7 +182,7 @@ def xnor_matmul_blocked(a_blocked, b, k: int):
     w = a_blocked.shape[1]
     if b.shape[1] != w:
         raise ValueError(f"operands have {w} and {b.shape[1]} words along the contraction axis.")
-    return k - 2 * _chunked(_blocked_popcounts, a_blocked, 1, b[None], 2).astype(jnp.int32)
+    return k - 2 * _chunked(a_blocked, 1, b[None], 2).astype(jnp.int32)
 
 
 def _xnor_int8(a, b, k):
@@ -204,19 +207,9 @@ def _unfused(fn, probe, out_shape, out_dtype):
     return lax.cond(always, fn, lambda: jnp.zeros(out_shape, out_dtype))
 
 
-@jax.jit
-def _direct_popcounts(a, b_cols):
-    # (M, c) and (c, N) words -> (M, N)
-    acc = None
-    for i in range(a.shape[1]):
-        t = lax.population_count(_word(a, i, 1) ^ _word(b_cols, i, 0))
-        acc = t if acc is None else acc + t
-    return acc
-
-
 def _xnor_direct(a, b, k):
     # small M (batch-1 inference): one fused loop over the (M, N) output, no blocking or padding
-    return k - 2 * _chunked(_direct_popcounts, a, 1, b.T, 0).astype(jnp.int32)
+    return k - 2 * _chunked(a, 1, b.T, 0).astype(jnp.int32)
 
 
 _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional cost more than they save
