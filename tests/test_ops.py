@@ -95,3 +95,23 @@ def test_eager_layer_call_is_one_compiled_program_with_the_traced_values(fn, ker
     compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
     assert len(compiled) == 1, compiled
     np.testing.assert_array_equal(eager, jax.jit(lambda a, b: fn(a, b, **kw))(x, k))
+
+
+@pytest.mark.parametrize("shape,kernel_shape,strides,padding", [
+    ((2, 13, 11, 3), (3, 3, 3, 16), (2, 2), "SAME"),
+    ((1, 9, 10, 4), (5, 5, 4, 8), (1, 1), "VALID"),
+    ((2, 8, 7, 2), (3, 3, 2, 4), (1, 2), ((1, 0), (2, 1))),
+])
+def test_narrow_input_convolution_is_xlas_forward_with_the_patches_gradient(shape, kernel_shape, strides, padding):
+    """A real input of few channels: undifferentiated, XLA's convolution, value for value; its
+    gradients are the patches' dot's, equal to XLA's convolution's to float32 rounding."""
+    rng = np.random.default_rng(sum(shape))
+    x, k = (jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in (shape, kernel_shape))
+    conv = lambda a, b: ops.conv_nd(a, b, strides=strides, padding=padding)  # noqa: E731
+    dn = jax.lax.conv_dimension_numbers(shape, kernel_shape, ("NHWC", "HWIO", "NHWC"))
+    pads = padding if isinstance(padding, str) else list(padding)
+    ref = lambda a, b: jax.lax.conv_general_dilated(a, b, strides, pads, dimension_numbers=dn)  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(conv)(x, k), jax.jit(ref)(x, k))
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(conv), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
