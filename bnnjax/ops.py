@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Sequence
 
 import jax
@@ -77,10 +78,14 @@ def conv_nd(x, kernel, *, strides, padding, pad_values=0.0, input_dilation=1, ke
         # shifted inputs times per-channel kernel rows, which fuse into one elementwise loop
         im2col = _Im2col(tuple(x.shape), tuple(kernel.shape[:n]), strides, tuple(pads), kdil)
         return _depthwise_taps(im2col, x, kernel.reshape(-1, kernel.shape[-1]))
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[n])
-    return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=idil, rhs_dilation=kdil,
-                                        dimension_numbers=dn, feature_group_count=feature_group_count,
-                                        precision=precision)
+    return _xla_conv(x, kernel, strides, pads, idil, kdil, feature_group_count, precision)
+
+
+def _xla_conv(x, kernel, strides, pads, input_dilation, kernel_dilation, groups, precision):
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DIMENSION_NUMBERS[kernel.ndim - 2])
+    return jax.lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=input_dilation,
+                                        rhs_dilation=kernel_dilation, dimension_numbers=dn,
+                                        feature_group_count=groups, precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -91,9 +96,7 @@ def _patches_dot(im2col, precision, x, kernel):
     backward is the slow one). The two forward forms agree to float32 rounding."""
     spatial = im2col.kernel_spatial
     w = kernel.reshape(spatial + (im2col.in_shape[-1], kernel.shape[-1]))
-    dn = jax.lax.conv_dimension_numbers(im2col.in_shape, w.shape, _DIMENSION_NUMBERS[len(spatial)])
-    y = jax.lax.conv_general_dilated(x, w, im2col.strides, im2col.pads, rhs_dilation=im2col.dilation,
-                                     dimension_numbers=dn, precision=precision)
+    y = _xla_conv(x, w, im2col.strides, im2col.pads, (1,) * len(spatial), im2col.dilation, 1, precision)
     return y.reshape(-1, kernel.shape[-1])
 
 
@@ -314,13 +317,13 @@ class _Im2col:
         return self.product_of_words(rows, packing.pack_kernel(kernel4), kernel.shape[0],
                                      packing.tap_sums(kernel4) if self.padded else None)
 
-    def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False):
+    def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False, xnor_kernel=None):
         """``rows`` times a packed kernel ``words`` (``(N, W)`` from :func:`packing.pack_kernel`): float32
         ``(M, N)``. With the kernel's :func:`packing.tap_sums` the padded taps count as zeros (LCE's
-        zero-padding correction: they were read as +1); without, as +1 (one-padding). ``inference``:
-        see :func:`packing.xnor_matmul`."""
+        zero-padding correction: they were read as +1); without, as +1 (one-padding). ``inference``,
+        ``xnor_kernel``: :func:`packing.xnor_matmul`'s ``inference`` and ``kernel``."""
         n = words.shape[0]
-        y = packing.xnor_matmul(rows, words, k, inference=inference)
+        y = packing.xnor_matmul(rows, words, k, xnor_kernel, inference)
         if sums is not None and self.padded:
             corr = packing.pad_correction(sums, self.in_shape[1:3], self.strides, self.pads, self.dilation)
             y = y.reshape((self.in_shape[0], -1, n)) - corr.reshape(-1, n)
@@ -395,8 +398,8 @@ class _Rows:
     def packed_product(self, rows, kernel):
         return self.product_of_words(rows, packing.pack_bits(kernel.T), kernel.shape[0])
 
-    def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False):
-        return packing.xnor_matmul(rows, words, k, inference=inference).astype(jnp.float32)
+    def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False, xnor_kernel=None):
+        return packing.xnor_matmul(rows, words, k, xnor_kernel, inference).astype(jnp.float32)
 
     def unpacked_transposed(self, words, dtype):
         return packing.unpack_bits(words.T, self.in_shape[-1], dtype, axis=0)
@@ -698,18 +701,18 @@ _DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: 
 
 # --- inference on packed kernels ------------------------------------------------------------------
 
-def _packed_product(lhs, rows, kernel: packing.PackedKernel, zero_padded: bool = True):
+def _packed_product(lhs, rows, kernel: packing.PackedKernel, zero_padded: bool, xnor_kernel: str):
     """``A @ K`` for ``rows`` the packed patches of ``A`` and a :class:`~bnnjax.packing.PackedKernel`
     ``K`` (a scale times ±1, or ABC-Net's ``sum_m alpha_m B_m``), float32 ``(M, N)``."""
     # the zero-padding correction's per-tap sums, from the words (XLA folds them for constant weights)
     sums = kernel.tap_sums() if zero_padded and getattr(lhs, "padded", False) else None
     if kernel.alpha is None:
-        y = lhs.product_of_words(rows, kernel.words, kernel.k, sums, inference=True)
+        y = lhs.product_of_words(rows, kernel.words, kernel.k, sums, True, xnor_kernel)
         return y if kernel.scale is None else y * kernel.scale
     y = None
     for m in range(kernel.words.shape[0]):
         z = kernel.alpha[m] * lhs.product_of_words(rows, kernel.words[m], kernel.k, None if sums is None else sums[m],
-                                                   inference=True)
+                                                   True, xnor_kernel)
         y = z if y is None else y + z
     return y
 
@@ -770,17 +773,17 @@ def packed_conv(x, kernel: packing.PackedKernel, *, strides=1, padding="SAME", p
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _bases_product(lhs, x, kernel, shifts, betas, zero_padded: bool, backend_kernel: str):
+def _bases_product(lhs, x, kernel, shifts, betas, zero_padded: bool, xnor_kernel: str):
     # jit: layers of the same shapes share one lowered function, the weights its arguments, so an
     # exported model holds each distinct layer's code once (XLA inlines the calls and still folds
-    # constant weights). backend_kernel, the XNOR kernel chosen for this backend at trace time, is
-    # part of the cache key: a trace for one backend is not reused for another.
+    # constant weights). xnor_kernel, the XNOR kernel chosen for this backend, is static: a trace for
+    # one backend's kernel is not reused for another's.
     if shifts is None:
-        return _packed_product(lhs, lhs.packed_rows(x), kernel, zero_padded)
+        return _packed_product(lhs, lhs.packed_rows(x), kernel, zero_padded, xnor_kernel)
     y = None
     for n in range(shifts.shape[0]):
         # ABC's A_n = sign(clip(x + v_n, 0, 1) - 0.5) is -1 exactly where x + v_n - 0.5 < 0
-        z = betas[n] * _packed_product(lhs, lhs.packed_rows(x + shifts[n] - 0.5), kernel, zero_padded)
+        z = betas[n] * _packed_product(lhs, lhs.packed_rows(x + shifts[n] - 0.5), kernel, zero_padded, xnor_kernel)
         y = z if y is None else y + z
     return y
 
@@ -844,24 +847,23 @@ def _compiled_when_eager(fn):
     ``model.apply`` called without ``jit``), as itself inside a trace.
 
     Op by op, a packed layer's bit packing and word loops compile as dozens of tiny programs (seconds
-    for a small CNN's first call); under ``jit`` this function is traced inline as before. The keyword
-    arguments are static, except ``rng``.
+    for a small CNN's first call); under ``jit`` this function is traced inline as before. The
+    keyword-only arguments are static, except ``rng``.
     """
-    jitted = jax.jit(fn, static_argnames=[k for k in fn.__code__.co_varnames[fn.__code__.co_argcount:
-                                                                             fn.__code__.co_argcount
-                                                                             + fn.__code__.co_kwonlyargcount]
-                                          if k != "rng"])
+    names = {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY} - {"rng"}
+    jitted = jax.jit(fn, static_argnames=sorted(names))
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        leaves = jax.tree.leaves((args, kwargs.get("rng")))
-        if all(isinstance(v, (np.ndarray, jax.Array)) and not isinstance(v, jax.core.Tracer) for v in leaves):
-            static = {k: _hashable(v) for k, v in kwargs.items()}
+        static = {k: _hashable(v) for k, v in kwargs.items() if k in names}
+        dynamic = {k: v for k, v in kwargs.items() if k not in names}
+        if all(isinstance(v, (np.ndarray, jax.Array)) and not isinstance(v, jax.core.Tracer)
+               for v in jax.tree.leaves((args, dynamic))):
             try:
-                hash(tuple(v for k, v in static.items() if k != "rng"))
-            except TypeError:
+                hash(tuple(static.values()))
+            except TypeError:  # e.g. a quantizer object that is not hashable: op by op, as before
                 return fn(*args, **kwargs)
-            return jitted(*args, **static)
+            return jitted(*args, **dynamic, **static)
         return fn(*args, **kwargs)
 
     return call

@@ -82,6 +82,7 @@ def test_depthwise_taps_match_grouped_convolution_values_and_gradients(shape, ke
     (ops.quant_conv, (3, 3, 3, 4), dict(strides=[2, 1], padding=[(1, 1), (0, 2)])),
     (ops.quant_conv, (3, 3, 3, 4), dict(padding="SAME", pad_values=1.0)),
     (ops.quant_dense, (3, 4), {}),
+    (ops.quant_dense, (3, 4), dict(bias=np.arange(4, dtype=np.float32))),  # an array by keyword: traced
 ])
 def test_eager_layer_call_is_one_compiled_program_with_the_traced_values(fn, kernel_shape, kw, caplog):
     """Called on concrete arrays a quantized layer runs as one jitted program (list-valued arguments
