@@ -86,17 +86,33 @@ def _packs(box) -> bool:
         quantizers.get(box.quantizer).values in ("signs", "scaled_signs")
 
 
-def _batch_norms(model, variables, example_input) -> dict[tuple, L.BatchNorm]:
-    """The :class:`bnnjax.layers.BatchNorm` modules that ``model.apply(variables, x)`` calls, by path
-    (traced with ``jax.eval_shape``: nothing is computed)."""
+def _modules(model, variables, example_input, cls) -> dict[tuple, nn.Module]:
+    """The ``cls`` modules that ``model.apply(variables, x)`` calls, by path (traced with
+    ``jax.eval_shape``: nothing is computed)."""
     x = jax.ShapeDtypeStruct(jnp.shape(example_input), jnp.result_type(example_input))
     _, calls = _trace.linen_calls(lambda: jax.eval_shape(model.apply, variables, x))
-    return {c.path: c.module for c in calls if isinstance(c.module, L.BatchNorm)}
+    return {c.path: c.module for c in calls if isinstance(c.module, cls)}
+
+
+def _one_filter(kernel):
+    """A depthwise kernel ``(..., 1, C)`` whose channels all hold the same filter, as ``(..., 1, 1)``
+    (a blur pool's: QuickNet's artifact 16 KB smaller); other kernels unchanged."""
+    k = np.asarray(kernel)
+    return jnp.asarray(k[..., :1]) if k.shape[-1] > 1 and np.array_equal(k, np.broadcast_to(k[..., :1], k.shape)) else kernel
+
+
+def _fixed_filters(model, variables: dict, example_input) -> dict:
+    flat = traverse_util.flatten_dict(dict(variables))
+    for path in _modules(model, variables, example_input, L.FixedDepthwiseConv2D):
+        key = ("constants", *path, "kernel")
+        if key in flat:
+            flat[key] = _one_filter(flat[key])
+    return traverse_util.unflatten_dict(flat)
 
 
 def _fold_batch_norms(model, variables: dict, example_input) -> dict:
     flat = traverse_util.flatten_dict(dict(variables))
-    for path, module in _batch_norms(model, variables, example_input).items():
+    for path, module in _modules(model, variables, example_input, L.BatchNorm).items():
         stats = {k: flat.get(("batch_stats", *path, k)) for k in ("mean", "var")}
         if any(v is None for v in stats.values()):
             continue  # no running statistics: not an inference-mode BatchNorm
@@ -141,7 +157,8 @@ def pack(model, variables=None, example_input=None, *, fold_batch_norm: bool = T
     every bnnjax BatchNorm the model calls is also folded into two numbers per channel,
     ``y = x * a + b`` (:func:`bnnjax.layers.fold_batch_norm`; Flax's own BatchNorm keeps its
     variables, as it cannot read the folded form). Packed kernels compute exactly what the float layers
-    compute; folded BatchNorms round differently from ``(x - mean) * a + bias``, so outputs agree up to
+    compute, and a fixed depthwise kernel that is one filter for every channel (a blur pool) is
+    stored once; folded BatchNorms round differently from ``(x - mean) * a + bias``, so outputs agree up to
     float32 rounding (and a value within rounding of a binarizing sign's threshold may fall on the other
     side); ``fold_batch_norm=False`` keeps Flax's arithmetic, bit for bit.
 
@@ -173,6 +190,7 @@ def pack(model, variables=None, example_input=None, *, fold_batch_norm: bool = T
         return packed
     if fold_batch_norm:
         packed = _fold_batch_norms(model, packed, example_input)
+    packed = _fixed_filters(model, packed, example_input)
     if not isinstance(example_input, jax.ShapeDtypeStruct):
         _verify(_inference_fn(model, variables), _inference_fn(model, packed), example_input)
     return packed
@@ -201,6 +219,8 @@ def _pack_nnx(model: nnx.Module, example_input, fold_batch_norm: bool) -> nnx.Mo
             for k in ("mean", "var", "scale", "bias"):
                 setattr(module, k, nnx.data(None))
             module.multiplier, module.offset = nnx.BatchStat(folded["multiplier"]), nnx.BatchStat(folded["offset"])
+        if isinstance(module, bnx.FixedDepthwiseConv):
+            module.kernel = bnx.Constant(_one_filter(module.kernel.get_value()))
     if example_input is not None and not isinstance(example_input, jax.ShapeDtypeStruct):
         _verify(_inference_fn(model), _inference_fn(packed), example_input)
     return packed

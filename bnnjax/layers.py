@@ -297,12 +297,18 @@ def blurpool_initializer(key, shape, dtype=jnp.float32):
     return jnp.asarray(np.broadcast_to(k, tuple(shape)), dtype)
 
 
+def _channel_broadcast(kernel, channels: int):
+    # a depthwise kernel stored once for all channels: (..., 1, 1) -> (..., 1, channels)
+    return jnp.broadcast_to(kernel, kernel.shape[:-1] + (channels,)) if kernel.shape[-1] == 1 else kernel
+
+
 class FixedDepthwiseConv2D(nn.Module):
     """A depthwise 2-D convolution with a fixed (untrained) kernel, e.g. QuickNet's blur-pool.
 
     The kernel, shape ``(kh, kw, 1, C)``, is made by ``kernel_init`` and kept in the ``"constants"``
     collection, so optimizers never see it while summaries, checkpoints and weight files do (Keras'
-    ``DepthwiseConv2D(trainable=False)``). No bias.
+    ``DepthwiseConv2D(trainable=False)``). A stored kernel of shape ``(kh, kw, 1, 1)`` is one filter for
+    every channel (what :func:`bnnjax.export.pack` keeps of a blur pool). No bias.
     """
 
     kernel_size: Sequence[int] = (3, 3)
@@ -319,6 +325,7 @@ class FixedDepthwiseConv2D(nn.Module):
         kernel = self.variable("constants", "kernel", lambda: self.kernel_init(
             self.make_rng("params") if self.has_rng("params") else jax.random.key(0),
             tuple(self.kernel_size) + (1, c), self.param_dtype)).value
+        kernel = _channel_broadcast(kernel, c)
         return ops.quant_conv(x, kernel.astype(x.dtype), strides=self.strides, padding=self.padding,
                               feature_group_count=c)
 

@@ -13,6 +13,7 @@ from flax import serialization
 import bnnjax
 from bnnjax import datasets, export, ops, train, zoo
 from bnnjax import packing as pk
+from bnnjax import layers as L
 from bnnjax.layers import BatchNorm, Flatten, MaxPool, QuantConv, QuantDense
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
@@ -216,7 +217,25 @@ def test_quicknet_packs_at_a_small_input_size():
     model = zoo.QuickNet(num_classes=10, section_blocks=(1, 1, 1, 1), section_filters=(32, 64, 64, 96))
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     v = randomize_bn(init(model, x))
-    _packs_like_the_model(model, v, x, n_packed=4)
+    packed = _packs_like_the_model(model, v, x, n_packed=4)
+    # the blur pools' kernels, one filter repeated over channels, are stored once
+    blur = {k: d["kernel"] for k, d in packed["constants"].items()}
+    assert len(blur) == 2 and all(k.shape == (3, 3, 1, 1) for k in blur.values())
+    for name, k in blur.items():
+        np.testing.assert_array_equal(np.broadcast_to(k, v["constants"][name]["kernel"].shape),
+                                      v["constants"][name]["kernel"])
+
+
+@pytest.mark.parametrize("same_filter", [True, False])
+def test_fixed_depthwise_kernel_is_stored_once_only_when_every_channel_has_it(same_filter):
+    model = L.FixedDepthwiseConv2D((3, 3), strides=2)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
+    v = init(model, x)
+    if not same_filter:  # one channel's filter differs: all five are kept
+        v = {"constants": {"kernel": v["constants"]["kernel"].at[0, 0, 0, 3].add(1.0)}}
+    packed = export.pack(model, v, x)
+    assert packed["constants"]["kernel"].shape == ((3, 3, 1, 1) if same_filter else (3, 3, 1, 5))
+    np.testing.assert_array_equal(model.apply(packed, x), model.apply(v, x))
 
 
 ARTIFACT_RUNNER = """

@@ -331,14 +331,17 @@ def test_non_sign_operands_keep_the_float_path(layer):
     (L.QuantConv(8, (3, 3), padding="VALID", kernel_quantizer="ste_sign", use_bias=False), (2, 9, 8, 1)),
     (L.QuantConv(5, (2, 2), strides=2, padding="SAME", kernel_quantizer="ste_sign"), (1, 7, 9, 3)),
     (L.QuantConv(4, (3, 3), padding="SAME"), (3, 5, 5, 1)),
+    (L.QuantConv(16, (3, 3), strides=2, padding=((0, 1), (0, 1))), (2, 12, 12, 3)),  # QuickNet's RGB stem
 ])
 def test_short_contraction_conv_sums_taps_and_equals_dot_path(layer, shape, monkeypatch):
-    """First layers (3x3x1) sum shifted inputs instead of calling a dot: same values up to float
-    summation order, same gradients."""
+    """First layers (3x3x1, or 3x3x3 to few outputs) sum shifted inputs instead of calling a dot:
+    same values up to float summation order, same gradients."""
     x = jax.random.normal(KEY, shape)
     v = layer.init(jax.random.key(1), x)
+    assert ops._sums_taps(jnp.zeros((int(np.prod(layer.kernel_size)) * shape[-1], layer.features)))
     y, g = _loss_and_grads(layer, v, x)
     monkeypatch.setattr(ops, "_TAPS_MAX_K", 0)
+    monkeypatch.setattr(ops, "_TAPS_MAX_TERMS", 0)
     y_ref, g_ref = _loss_and_grads(layer, v, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):

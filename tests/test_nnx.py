@@ -290,6 +290,14 @@ def test_pack_nnx_model_runs_packed_and_saves_the_same_artifact(tmp_path, seed_m
         packed.bn1(x[:, :4, :4, :1].repeat(32, -1))
 
 
+def test_pack_stores_a_blur_pool_kernel_once():
+    layer = bnx.FixedDepthwiseConv(4, (3, 3), strides=2)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+    packed = export.pack(layer, x)
+    assert packed.kernel.get_value().shape == (3, 3, 1, 1) and layer.kernel.get_value().shape == (3, 3, 1, 4)
+    np.testing.assert_array_equal(packed(x), layer(x))
+
+
 @pytest.mark.parametrize("shape,match", [((2, 28, 28, 3), "takes 1"), ((2, 20, 20, 1), "takes 576"),
                                          ((2, 28, 28), "rank 4")])
 def test_packed_nnx_model_rejects_wrong_input_shapes(shape, match, seed_models):

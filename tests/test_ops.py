@@ -99,15 +99,17 @@ def test_eager_layer_call_is_one_compiled_program_with_the_traced_values(fn, ker
 
 
 @pytest.mark.parametrize("shape,kernel_shape,strides,padding", [
-    ((2, 13, 11, 3), (3, 3, 3, 16), (2, 2), "SAME"),
-    ((1, 9, 10, 4), (5, 5, 4, 8), (1, 1), "VALID"),
-    ((2, 8, 7, 2), (3, 3, 2, 4), (1, 2), ((1, 0), (2, 1))),
+    ((2, 13, 11, 3), (3, 3, 3, 64), (2, 2), "SAME"),
+    ((1, 9, 10, 4), (5, 5, 4, 16), (1, 1), "VALID"),
+    ((2, 8, 7, 2), (3, 3, 2, 64), (1, 2), ((1, 0), (2, 1))),
 ])
 def test_narrow_input_convolution_is_xlas_forward_with_the_patches_gradient(shape, kernel_shape, strides, padding):
-    """A real input of few channels: undifferentiated, XLA's convolution, value for value; its
-    gradients are the patches' dot's, equal to XLA's convolution's to float32 rounding."""
+    """A real input of few channels and a kernel too large to sum its taps: undifferentiated, XLA's
+    convolution, value for value; its gradients are the patches' dot's, equal to XLA's convolution's
+    to float32 rounding."""
     rng = np.random.default_rng(sum(shape))
     x, k = (jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in (shape, kernel_shape))
+    assert not ops._sums_taps(k.reshape(-1, k.shape[-1]))
     conv = lambda a, b: ops.conv_nd(a, b, strides=strides, padding=padding)  # noqa: E731
     dn = jax.lax.conv_dimension_numbers(shape, kernel_shape, ("NHWC", "HWIO", "NHWC"))
     pads = padding if isinstance(padding, str) else list(padding)

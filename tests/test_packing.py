@@ -73,6 +73,25 @@ def test_xnor_matmul_property(m, n, k, seed):
     np.testing.assert_array_equal(pk.xnor_matmul(pk.pack_bits(a), pk.pack_bits(b), k), sa @ sb.T)
 
 
+@pytest.mark.parametrize("rows,per_image", [(49, True), (8, True), (60, True), (9, False), (13, False)])
+def test_symbolic_batch_blocks_rows_within_each_image(rows, per_image):
+    """Exported with a symbolic batch, ``(batch, rows, W)`` operands are row-blocked per image where
+    padding each image to whole blocks costs little: exact at every batch size either way, and then no
+    shape in the program is a floor division of the batch (which the exported program would
+    recompute, one call per use)."""
+    rng = np.random.default_rng(rows)
+    k, n = 70, 5
+    a, b = pm1(rng, (3, rows, k)), pm1(rng, (n, k))
+    batch, = jax.export.symbolic_shape("batch")
+    f = jax.jit(lambda u: pk.xnor_matmul(u, pk.pack_bits(b), k))
+    exported = jax.export.export(f)(jax.ShapeDtypeStruct((batch, rows, pk.num_words(k)), jnp.uint32))
+    for size in (1, 3):
+        got = np.asarray(exported.call(pk.pack_bits(a[:size])))
+        np.testing.assert_array_equal(got, np.einsum("brk,nk->brn", a[:size], b).astype(np.int32))
+    text = exported.mlir_module()
+    assert ("divmod" in text) == ("floor_divide" in text) == (not per_image)
+
+
 def test_batched_leading_axes_and_errors():
     rng = np.random.default_rng(0)
     a, b = pm1(rng, (2, 3, 50)), pm1(rng, (4, 50))

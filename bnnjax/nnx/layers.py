@@ -315,7 +315,8 @@ class FixedDepthwiseConv(nnx.Module):
 
     The kernel ``(*kernel_size, 1, in_features)`` is made by ``kernel_init`` (default
     :func:`bnnjax.layers.blurpool_initializer`) and kept as a :class:`Constant`: optimizers never see it
-    (Keras' ``DepthwiseConv2D(trainable=False)``). No bias.
+    (Keras' ``DepthwiseConv2D(trainable=False)``); stored as ``(*kernel_size, 1, 1)``, one filter for
+    every channel (what :func:`bnnjax.export.pack` keeps of a blur pool). No bias.
     """
 
     def __init__(self, in_features: int, kernel_size: Sequence[int] = (3, 3), strides: int | Sequence[int] = 1, *,
@@ -326,7 +327,7 @@ class FixedDepthwiseConv(nnx.Module):
         self.kernel = Constant(kernel_init(key, tuple(kernel_size) + (1, in_features), param_dtype))
 
     def __call__(self, x):
-        kernel = self.kernel.get_value()
+        kernel = _linen._channel_broadcast(self.kernel.get_value(), self.in_features)
         return ops.quant_conv(x, kernel.astype(x.dtype), strides=self.strides, padding=self.padding,
                               feature_group_count=self.in_features)
 
