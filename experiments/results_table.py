@@ -218,12 +218,19 @@ def train(results_dir: Path = RESULTS) -> str:
                    "Larq epochs", "bf16 / Larq mean", "f32 / Larq mean", "bf16 / Larq fastest epoch"], rows)
 
 
+def _paired_peer(rows: list[dict], i: int) -> dict | None:
+    """The Larq run a bnnjax row is compared with: the first one after it in the file (each is run right
+    after bnnjax's), else the last one before it."""
+    after = next((r for r in rows[i + 1:] if r.get("peer")), None)
+    return after or next((r for r in reversed(rows[:i]) if r.get("peer")), None)
+
+
 def train_quicknet(results_dir: Path = RESULTS) -> str:
     """QuickNet's training step (224x224, Adam): bnnjax's paths beside Larq's, and compiled memory."""
     rows = _latest(read(Path(results_dir) / "train_quicknet.jsonl"))
-    peer = next((r for r in rows if r.get("peer")), None)
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
+        peer = _paired_peer(rows, i)
         if r.get("peer"):
             out.append([f"Larq 0.14 + larq-zoo 2.4 (TF {r['versions'].get('tensorflow-cpu', '?')})", r["batch"],
                         f"{r['step_s']:.2f} s", "-", f"{r['peak_rss_MiB']:,.0f} MiB", "-"])
@@ -355,8 +362,10 @@ def headline(results_dir: Path = RESULTS) -> str:
                      f"Larq 0.14: {f['larq_epoch_mean']} per epoch (bnnjax/Larq per round: median "
                      f"{f['train_ratio_median']}, {f['train_rounds']} rounds)"])
     tq = _latest(read(Path(results_dir) / "train_quicknet.jsonl")) if (Path(results_dir) / "train_quicknet.jsonl").exists() else []
-    ours = next((r for r in tq if r.get("api") == "linen" and r.get("residuals") == "bits" and "step_s" in r), None)
-    peer = next((r for r in tq if r.get("peer")), None)
+    # the newest bnnjax run and the Larq run paired with it
+    i = next((i for i in reversed(range(len(tq))) if tq[i].get("api") == "linen" and tq[i].get("residuals") == "bits"
+              and "step_s" in tq[i]), None)
+    ours, peer = (tq[i], _paired_peer(tq, i)) if i is not None else (None, None)
     if ours and peer:
         rows.append([f"QuickNet training step, batch {ours['batch_size']}, 224x224, Adam",
                      f"{ours['step_s']:.2f} s, peak RSS {ours['peak_rss_MiB']:,.0f} MiB",
