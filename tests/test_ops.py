@@ -20,6 +20,7 @@ def test_fast_max_pool_matches_flax_values_and_first_max_gradient(shape, window,
     x = jnp.asarray(np.random.default_rng(0).integers(-3, 3, shape).astype(np.float32))  # ties everywhere
     y = ops.max_pool(x, window, strides)
     np.testing.assert_array_equal(y, nn.max_pool(x, window, strides or window))
+    np.testing.assert_array_equal(jax.jit(lambda v: ops.max_pool(v, window, strides))(x), y)
     g = jnp.asarray(np.random.default_rng(1).integers(-50, 50, y.shape).astype(np.float32))  # exact sums
     y_train, pull = jax.vjp(lambda v: ops.max_pool(v, window, strides), x)  # the training forward
     np.testing.assert_array_equal(y_train, y)
