@@ -98,7 +98,8 @@ def _one_filter(kernel):
     """A depthwise kernel ``(..., 1, C)`` whose channels all hold the same filter, as ``(..., 1, 1)``
     (a blur pool's: QuickNet's artifact 16 KB smaller); other kernels unchanged."""
     k = np.asarray(kernel)
-    return jnp.asarray(k[..., :1]) if k.shape[-1] > 1 and np.array_equal(k, np.broadcast_to(k[..., :1], k.shape)) else kernel
+    same = k.shape[-1] > 1 and np.array_equal(k, np.broadcast_to(k[..., :1], k.shape))
+    return jnp.asarray(k[..., :1]) if same else kernel
 
 
 def _fixed_filters(model, variables: dict, example_input) -> dict:

@@ -160,6 +160,8 @@ _TAPS_MAX_TERMS = 1024
 
 def _sums_taps(kernel_rows) -> bool:
     return kernel_rows.shape[0] <= _TAPS_MAX_K or kernel_rows.size <= _TAPS_MAX_TERMS
+
+
 # Input channels up to which a CPU convolution's forward pass without differentiation is XLA's own
 # (:func:`_patches_dot`): concatenating the patches of a narrow input (an image's 3 channels) costs more
 # than the dot. For wide inputs the patches' dot measured faster within a model (QuickNet's float
@@ -614,8 +616,8 @@ def _strided_max(x, window, strides):
     # at batch 16 instead of 72-75, A/B)
     out = tuple((d - w) // s + 1 for d, w, s in zip(x.shape[1:], window, strides))
     shape = (x.shape[0],) + out + x.shape[1 + len(window):]
-    probe = jax.lax.bitcast_convert_type(x[(0,) * x.ndim].astype(jnp.float32), jnp.uint32)
-    return packing._unfused(lambda: _strided_max_fwd(x, window, strides)[0], probe, shape, x.dtype)
+    return _materialized(lambda: _strided_max_fwd(x, window, strides)[0], x[(0,) * x.ndim].astype(jnp.float32), shape,
+                         x.dtype)
 
 
 def _strided_max_fwd(x, window, strides):

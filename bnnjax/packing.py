@@ -230,9 +230,14 @@ def _xnor_popcount(a, b, k, inference=False):
     if isinstance(m, int) and (m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK or (
             inference and b.shape[0] * b.shape[1] <= _DIRECT_MAX_KERNEL_WORDS)):
         return _xnor_direct(a, b, k)
+    return _blocked(a, b, k)
+
+
+def _blocked(a, b, k):
+    # (M, W) x (N, W) -> (M, N) through the row-blocked kernel, computed apart from its consumer
     ab = block_rows(a)
     y = _unfused(lambda: xnor_matmul_blocked(ab, b, k), b[0, 0], (ab.shape[0], b.shape[0], ROW_BLOCK), jnp.int32)
-    return unblock_rows(y, m)
+    return unblock_rows(y, a.shape[0])
 
 
 def _blocks_per_image(rows) -> bool:
@@ -248,9 +253,7 @@ def _xnor_popcount_images(a, b, k):
     rp = -(-r // ROW_BLOCK) * ROW_BLOCK
     if rp != r:
         a = jnp.pad(a, ((0, 0), (0, rp - r), (0, 0)))
-    ab = a.reshape(batch * (rp // ROW_BLOCK), ROW_BLOCK, w).transpose(0, 2, 1)
-    y = _unfused(lambda: xnor_matmul_blocked(ab, b, k), b[0, 0], (ab.shape[0], b.shape[0], ROW_BLOCK), jnp.int32)
-    return y.transpose(0, 2, 1).reshape(batch, rp, b.shape[0])[:, :r]
+    return _blocked(a.reshape(batch * rp, w), b, k).reshape(batch, rp, b.shape[0])[:, :r]
 
 
 def backend_kernel(backend: str | None = None) -> str:
