@@ -129,8 +129,10 @@ def _depthwise_taps_fwd(im2col, x, rows):
 
 def _depthwise_taps_bwd(im2col, res, g):
     x, rows = res
-    x, g = jax.lax.optimization_barrier((x, g))  # nothing of the backward scheduled before g exists
-    drows = jnp.stack([jnp.sum(tap * g, axis=tuple(range(g.ndim - 1))) for tap in im2col.taps(x)])
+    # made once g exists: XLA would otherwise slice every tap out of x early in the step and hold them
+    drows = _isolated(lambda: jnp.stack([jnp.sum(tap * g, axis=tuple(range(g.ndim - 1))) for tap in im2col.taps(x)]),
+                      g[(0,) * g.ndim].astype(jnp.float32), rows.shape[:1] + g.shape[-1:], jnp.result_type(x, g),
+                      nbytes=rows.shape[0] * g.size * g.dtype.itemsize)
     offsets = [tuple(o * d for o, d in zip(offs, im2col.dilation)) for offs in np.ndindex(*im2col.kernel_spatial)]
     top = [max(o[a] for o in offsets) for a in range(len(im2col.kernel_spatial))]
     # gpad[k] = G[k - P] with P = top - lo, so that dx[i] reads gpad[i + top - o_t]
@@ -535,6 +537,12 @@ def _lhs_forward(lhs, forward, x, kernel):
 
 def _lhs_product_fwd(lhs, forward, precision, x, kernel):
     y, a_res = _lhs_forward(lhs, forward, x, kernel)
+    if forward not in ("float_product", "taps_product"):
+        # the popcount product converted to float once, on its own: fused into the backward's loops (the
+        # BatchNorm's after it), the conversion kept the int32 product alive besides the float the
+        # BatchNorm keeps, two arrays per activation (QuickNet, batch 64: 1,357 -> 849 MiB temporary
+        # memory, together with ops.relu's output)
+        y = _isolated(lambda: y, y[0, 0].astype(jnp.float32), y.shape, y.dtype)
     return y, (a_res, kernel, jnp.zeros((), x.dtype))
 
 
@@ -563,12 +571,27 @@ def _materialized(fn, probe, shape, dtype):
     return packing._unfused(fn, jax.lax.bitcast_convert_type(probe, jnp.uint32), shape, dtype)
 
 
+# Below this size a value is left to XLA to fuse and schedule: a conditional around it costs more time
+# than its memory is worth (seed 000's first layer at batch 64: 4.8 -> 6.0 s per epoch).
+_ISOLATE_MIN_BYTES = 4 * 2**20
+
+
+def _isolated(fn, probe, shape, dtype, nbytes=None):
+    """``fn()`` in a computation of its own (:func:`_materialized`) that runs once ``probe`` exists, where
+    it holds at least ``_ISOLATE_MIN_BYTES`` (``nbytes``, default the result's size); else ``fn()``."""
+    if (np.prod(shape) * np.dtype(dtype).itemsize if nbytes is None else nbytes) < _ISOLATE_MIN_BYTES:
+        return fn()
+    return _materialized(fn, probe, shape, dtype)
+
+
 def _lhs_product_bwd(lhs, forward, precision, res, g):
     a_res, kernel, x_dtype = res
     g = g.astype(x_dtype.dtype)
     if forward == "taps_product":  # a real input, kept as it is
         da = jnp.dot(g, kernel.T, precision=precision)
-        dk = jnp.dot(lhs(a_res).T, g, precision=precision)
+        # the patches made once g exists: XLA would otherwise build them from the input early in the step
+        patches = _isolated(lambda: lhs(a_res), g[0, 0], (g.shape[0], kernel.shape[0]), a_res.dtype)
+        dk = jnp.dot(patches.T, g, precision=precision)
         # unused when x is the model's input: XLA drops it
         dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x_dtype.dtype))(da)
         return dx, dk.astype(kernel.dtype)
@@ -1132,14 +1155,7 @@ def _batch_norm_fwd(axes, epsilon, x, scale, bias):
     mean, raw_var = _batch_norm_stats(axes, x)
     var = jnp.maximum(0.0, raw_var)
     y = _batch_norm_y(axes, epsilon, x, mean, var, scale, bias)
-    return (y, mean, var), (_kept(x), mean, raw_var, scale, bias)
-
-
-def _kept(x):
-    """``x`` as the backward pass must read it: XLA otherwise fuses ``x``'s elementwise producers (a
-    ReLU, the int32-to-float conversion of a popcount product) into the backward's loops and keeps
-    their inputs alive as well, two arrays per element instead of one."""
-    return jax.lax.optimization_barrier(x)
+    return (y, mean, var), (x, mean, raw_var, scale, bias)
 
 
 def _batch_norm_bwd(axes, epsilon, res, cotangents):
@@ -1189,8 +1205,10 @@ def relu(x):
 
 
 def _relu_fwd(x):
-    y = jnp.maximum(x, 0)
-    return y, _kept(y)
+    # isolated for the reason the packed product is (_lhs_product_fwd): one float array, read by the
+    # mask and by the BatchNorm after it, instead of that and the input XLA would recompute it from
+    y = _isolated(lambda: jnp.maximum(x, 0), x[(0,) * x.ndim].astype(jnp.float32), x.shape, x.dtype)
+    return y, y
 
 
 def _relu_bwd(y, g):

@@ -58,10 +58,14 @@ def test_float_forward_is_part_of_the_jit_cache_key(order):
     ((1, 9, 9, 3), (3, 3), (1, 2), ((2, 0), (1, 3)), (2, 1)),
     ((1, 5, 6, 2), (2, 2), (3, 3), "SAME", (1, 1)),
 ])
+@pytest.mark.parametrize("isolated", [False, True])
 def test_depthwise_taps_match_grouped_convolution_values_and_gradients(shape, kernel_size, strides, padding,
-                                                                       dilation):
+                                                                       dilation, isolated, monkeypatch):
     """The depthwise shifted-taps convolution and its hand-written backward equal XLA's grouped
-    convolution and its autodiff (strides, dilation, asymmetric padding, kernels wider than strides)."""
+    convolution and its autodiff (strides, dilation, asymmetric padding, kernels wider than strides),
+    with the kernel's gradient fused freely or isolated as a large layer's is."""
+    if isolated:
+        monkeypatch.setattr(ops, "_ISOLATE_MIN_BYTES", 0)
     x = jax.random.normal(KEY, shape)
     c = shape[-1]
     k = jax.random.normal(jax.random.key(1), kernel_size + (1, c))
@@ -119,3 +123,53 @@ def test_narrow_input_convolution_is_xlas_forward_with_the_patches_gradient(shap
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
     for got, want in zip(jax.grad(loss(conv), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_relu_has_jax_relus_values_and_gradients(isolated, monkeypatch):
+    """``ops.relu`` (which keeps its output for the backward pass) equals ``jax.nn.relu``: values and
+    gradients, 0 at 0, eager and jitted, with its output fused freely or isolated as a large one is."""
+    if isolated:
+        monkeypatch.setattr(ops, "_ISOLATE_MIN_BYTES", 0)
+    x = jnp.concatenate([jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0]), jax.random.normal(KEY, (59,))]).reshape(2, 4, 8)
+    w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+    for wrap in (lambda f: f, jax.jit):
+        for fn in (lambda x: x, lambda x: jnp.sum(x * w)):
+            np.testing.assert_array_equal(wrap(lambda x: fn(ops.relu(x)))(x), fn(jax.nn.relu(x)))
+        g, g_ref = (wrap(jax.grad(lambda x, r=r: jnp.sum(r(x) * w)))(x) for r in (ops.relu, jax.nn.relu))
+        np.testing.assert_array_equal(g, g_ref)
+
+
+class _BinaryBlocks(nn.Module):
+    """Three residual blocks ``x + BatchNorm(act(QuantConv(x)))``, QuickNet's shape of block."""
+    act: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(3):
+            y = L.QuantConv(x.shape[-1], (3, 3), padding="SAME", pad_values=1.0, use_bias=False,
+                            input_quantizer="ste_sign", kernel_quantizer="ste_sign")(x)
+            x = x + L.BatchNorm(use_running_average=False)(y if self.act is None else self.act(y))
+        return x
+
+
+@pytest.mark.parametrize("act", [None, ops.relu], ids=["conv-bn", "conv-relu-bn"])
+def test_binary_blocks_keep_one_float_per_activation_for_the_backward(act, monkeypatch):
+    """Training, XLA fuses the int32-to-float conversion of a packed product (and a ReLU) into the
+    backward's loops and so keeps the int32 product besides the float its BatchNorm reads: two arrays
+    per activation. Large products and ReLU outputs are isolated (``ops._isolated``) so that only the
+    float is kept: compiled temporary memory at least one activation array smaller."""
+    x = jax.random.normal(KEY, (16, 32, 32, 64))
+    model = _BinaryBlocks(act)
+    v = model.init(jax.random.key(1), x)
+
+    def temp_bytes():
+        def loss(p):
+            y, _ = model.apply({**v, "params": p}, x, mutable=["batch_stats"])
+            return jnp.sum(y * y)
+        return jax.jit(jax.grad(loss)).lower(v["params"]).compile().memory_analysis().temp_size_in_bytes
+
+    assert x.nbytes >= ops._ISOLATE_MIN_BYTES
+    isolated = temp_bytes()
+    monkeypatch.setattr(ops, "_ISOLATE_MIN_BYTES", 2**62)
+    assert isolated <= temp_bytes() - x.nbytes
