@@ -38,7 +38,7 @@ __all__ = ["provenance", "append", "read", "versions", "hardware", "current_comm
 PROVENANCE_KEYS = ("command", "versions", "hardware", "date")
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 # environment variables that change what a run measures; recorded in front of the command
-_ENV = ("JAX_DEFAULT_MATMUL_PRECISION", "XLA_FLAGS", "JAX_PLATFORMS", "TF_USE_LEGACY_KERAS",
+_ENV = ("JAX_DEFAULT_MATMUL_PRECISION", "XLA_FLAGS", "JAX_PLATFORMS", "GLIBC_TUNABLES", "TF_USE_LEGACY_KERAS",
         "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION")
 
 
