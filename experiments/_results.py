@@ -158,8 +158,8 @@ def main(argv=None) -> None:
             row[key] = value
     peer_versions = {k: row.pop(k) for k in ("larq", "larq-zoo", "larq-compute-engine", "tensorflow", "tensorflow-cpu",
                                              "tf-keras") if isinstance(row.get(k), str)}
-    if peer_versions or isinstance(row.get("versions"), dict):
-        row["versions"] = {**row.get("versions", {}), **peer_versions}
+    # only the versions the peer names (or --set gives): this process's jax and flax are not the peer's
+    row["versions"] = {**(row.get("versions") if isinstance(row.get("versions"), dict) else {}), **peer_versions}
     print(json.dumps(append(a.path, row, command=a.command)))
 
 

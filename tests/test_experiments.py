@@ -191,7 +191,10 @@ def test_results_appends_a_peers_printed_line_with_its_provenance(tmp_path, monk
     assert row["round"] == 2 and row["series"] == "row backward" and row["epochs"] == [1]
     assert row["versions"] == {"larq": "0.14.0", "tensorflow": "2.19.1"}  # the peer's, not this process's
     assert row["command"] == "python peer.py 3" and set(results.PROVENANCE_KEYS) <= set(row)
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"peer": "lce", "ms": 100}\n'))
+    results.main([str(out), "--command", "python lce.py"])
+    assert results.read(out)[-1]["versions"] == {}  # none named: none recorded, not this process's
     monkeypatch.setattr(sys, "stdin", io.StringIO("no JSON here\n"))
     with pytest.raises(SystemExit, match="no JSON line on standard input"):
         results.main([str(out), "--command", "x"])
-    assert len(results.read(out)) == 1
+    assert len(results.read(out)) == 2
