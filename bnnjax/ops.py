@@ -131,7 +131,7 @@ def _depthwise_taps_bwd(im2col, res, g):
     x, rows = res
     # made once g exists: XLA would otherwise slice every tap out of x early in the step and hold them
     drows = _isolated(lambda: jnp.stack([jnp.sum(tap * g, axis=tuple(range(g.ndim - 1))) for tap in im2col.taps(x)]),
-                      g[(0,) * g.ndim].astype(jnp.float32), rows.shape[:1] + g.shape[-1:], jnp.result_type(x, g),
+                      g, rows.shape[:1] + g.shape[-1:], jnp.result_type(x, g),
                       nbytes=rows.shape[0] * g.size * g.dtype.itemsize)
     offsets = [tuple(o * d for o, d in zip(offs, im2col.dilation)) for offs in np.ndindex(*im2col.kernel_spatial)]
     top = [max(o[a] for o in offsets) for a in range(len(im2col.kernel_spatial))]
@@ -277,18 +277,17 @@ class _Im2col:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_spatial, self.strides, self.dilation
         o = kernel.shape[-1]
         dtype = jnp.bfloat16 if bf16 else g.dtype
-        # made once g exists: XLA would otherwise build every layer's kernel copy and zeroed dx early
-        # in the step and hold them all through the backward pass
-        probe = g[0, 0]
+        # the kernel copy and the zeroed dx below are made once g exists: XLA would otherwise build every
+        # layer's early in the step and hold them all through the backward pass
         gd = g.astype(dtype)
         # (kh, N, kw * C): a row's g K_row^T contracts the kernel's leading axis; with K^T as the operand
         # XLA:CPU ran the bfloat16 dot in float32
-        k_rows = _materialized(lambda: kernel.reshape(kh, kw * c, o).transpose(0, 2, 1).astype(dtype), probe,
+        k_rows = _materialized(lambda: kernel.reshape(kh, kw * c, o).transpose(0, 2, 1).astype(dtype), g,
                                (kh, o, kw * c), dtype)
         dot = lambda a, b: jnp.dot(a, b, precision=None if bf16 else precision, preferred_element_type=jnp.float32)
         valid = jnp.asarray(self._valid_taps().reshape(kh, kw, 1, 1, -1), dtype) if self.padded else None
         window = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
-        words_t = self._channel_major(words, probe)
+        words_t = self._channel_major(words, g)
 
         def row(dx, i):
             w = jax.lax.dynamic_slice(words_t, (0, 0, i * dh, 0), (words.shape[-1], n, window[0], words.shape[2]))
@@ -301,7 +300,7 @@ class _Im2col:
                 # each tap's A_t unpacked on its own, in its slice's (C, n, Ho, Wo) shape: flattened inside
                 # the unpacking loop, each element's pixel index was divided back into (n, row, column)
                 # (5x slower), and stacking a row's taps there ran the loop 4x slower than three of them
-                a_t = _materialized(unpack, probe, (c, n, ho, wo), dtype)
+                a_t = _materialized(unpack, g, (c, n, ho, wo), dtype)
                 dks.append(dot(a_t.reshape(c, -1), gd))
             da = dot(gd, k_rows[i]).reshape(n, ho, wo, kw, c)
             if (sh, sw) != (1, 1):
@@ -316,7 +315,7 @@ class _Im2col:
             return dx, jnp.concatenate(dks)
 
         shape = words.shape[:3] + (c,)
-        dx0 = _materialized(lambda: jnp.zeros(shape, jnp.float32), probe, shape, jnp.float32)
+        dx0 = _materialized(lambda: jnp.zeros(shape, jnp.float32), g, shape, jnp.float32)
         dx, dk = jax.lax.scan(row, dx0, jnp.arange(kh))
         (lo_h, _), (lo_w, _) = self.pads
         dx = dx[:, lo_h:lo_h + self.in_shape[1], lo_w:lo_w + self.in_shape[2]]
@@ -352,7 +351,7 @@ class _Im2col:
         unpacking the transposed patches' words).
         """
         c, (sh, sw), (dh, dw), (ho, wo) = self.in_shape[-1], self.strides, self.dilation, self.out_spatial
-        words_t = self._channel_major(words, words[(0,) * words.ndim])
+        words_t = self._channel_major(words, words)
         taps = [words_t[:, :, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
                 for i, j in np.ndindex(*self.kernel_spatial)]
         # the taps' words stacked (small), then unpacked in one loop: stacking unpacked taps ran 2x slower
@@ -362,11 +361,11 @@ class _Im2col:
         return a_t.reshape(len(taps) * c, -1)
 
     @staticmethod
-    def _channel_major(words, probe):
-        """:meth:`packed_input`'s words as ``(Wc, N, H, W)``, materialized once `probe` exists: each tap's
+    def _channel_major(words, after):
+        """:meth:`packed_input`'s words as ``(Wc, N, H, W)``, materialized once ``after`` exists: each tap's
         ``A_t`` then unpacks along its contiguous pixel axis (transposing every tap's words inside the
         unpacking loop ran 2.7x slower)."""
-        return _materialized(lambda: words.transpose(3, 0, 1, 2), probe, (words.shape[3],) + words.shape[:3],
+        return _materialized(lambda: words.transpose(3, 0, 1, 2), after, (words.shape[3],) + words.shape[:3],
                              words.dtype)
 
     @property
@@ -431,7 +430,9 @@ def _backward_from_rows(lhs, words, g, kernel, precision, bf16: bool):
         # A is ±1, exact in bfloat16; g (and a kernel's column scale) are rounded to bfloat16 and the
         # products accumulated in float32: TPU's default matmul numerics
         g16 = g.astype(jnp.bfloat16)
-        kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g[0, 0], kernel.T.shape, jnp.bfloat16)
+        # a transposed operand XLA cannot fold back into the dot: folded, the bfloat16 dot gets a layout
+        # XLA:CPU's matmul library lacks and is silently upcast to float32
+        kt = _materialized(lambda: kernel.T.astype(jnp.bfloat16), g, kernel.T.shape, jnp.bfloat16)
         da = jnp.dot(g16, kt, preferred_element_type=jnp.float32)
         dk = jnp.dot(lhs.unpacked_transposed(words, jnp.bfloat16), g16, preferred_element_type=jnp.float32)
     else:
@@ -542,7 +543,7 @@ def _lhs_product_fwd(lhs, forward, precision, x, kernel):
         # BatchNorm's after it), the conversion kept the int32 product alive besides the float the
         # BatchNorm keeps, two arrays per activation (QuickNet, batch 64: 1,357 -> 849 MiB temporary
         # memory, together with ops.relu's output)
-        y = _isolated(lambda: y, y[0, 0].astype(jnp.float32), y.shape, y.dtype)
+        y = _isolated(lambda: y, y, y.shape, y.dtype)
     return y, (a_res, kernel, jnp.zeros((), x.dtype))
 
 
@@ -565,9 +566,11 @@ def binary_gradient_precision(precision=None) -> str:
     return "bfloat16" if packed_training() and _bfloat16_gradients(precision) else "float32"
 
 
-def _materialized(fn, probe, shape, dtype):
-    # a transposed operand XLA cannot fold back into the dot: folded, the bfloat16 dot gets a layout
-    # XLA:CPU's matmul library lacks and is silently upcast to float32
+def _materialized(fn, after, shape, dtype):
+    """``fn()`` (of ``shape``, ``dtype``) in a computation XLA neither fuses into its users nor runs
+    before the array ``after`` exists (:func:`packing._unfused`, probing ``after``'s first element)."""
+    probe = after[(0,) * after.ndim]
+    probe = probe if probe.dtype.itemsize == 4 else probe.astype(jnp.float32)
     return packing._unfused(fn, jax.lax.bitcast_convert_type(probe, jnp.uint32), shape, dtype)
 
 
@@ -576,12 +579,12 @@ def _materialized(fn, probe, shape, dtype):
 _ISOLATE_MIN_BYTES = 4 * 2**20
 
 
-def _isolated(fn, probe, shape, dtype, nbytes=None):
-    """``fn()`` in a computation of its own (:func:`_materialized`) that runs once ``probe`` exists, where
-    it holds at least ``_ISOLATE_MIN_BYTES`` (``nbytes``, default the result's size); else ``fn()``."""
+def _isolated(fn, after, shape, dtype, nbytes=None):
+    """:func:`_materialized` where it holds at least ``_ISOLATE_MIN_BYTES`` (``nbytes``, default the
+    result's size); else ``fn()``, left to XLA."""
     if (np.prod(shape) * np.dtype(dtype).itemsize if nbytes is None else nbytes) < _ISOLATE_MIN_BYTES:
         return fn()
-    return _materialized(fn, probe, shape, dtype)
+    return _materialized(fn, after, shape, dtype)
 
 
 def _lhs_product_bwd(lhs, forward, precision, res, g):
@@ -590,7 +593,7 @@ def _lhs_product_bwd(lhs, forward, precision, res, g):
     if forward == "taps_product":  # a real input, kept as it is
         da = jnp.dot(g, kernel.T, precision=precision)
         # the patches made once g exists: XLA would otherwise build them from the input early in the step
-        patches = _isolated(lambda: lhs(a_res), g[0, 0], (g.shape[0], kernel.shape[0]), a_res.dtype)
+        patches = _isolated(lambda: lhs(a_res), g, (g.shape[0], kernel.shape[0]), a_res.dtype)
         dk = jnp.dot(patches.T, g, precision=precision)
         # unused when x is the model's input: XLA drops it
         dx, = jax.linear_transpose(lhs, jax.ShapeDtypeStruct(lhs.in_shape, x_dtype.dtype))(da)
@@ -639,8 +642,7 @@ def _strided_max(x, window, strides):
     # at batch 16 instead of 72-75, A/B)
     out = tuple((d - w) // s + 1 for d, w, s in zip(x.shape[1:], window, strides))
     shape = (x.shape[0],) + out + x.shape[1 + len(window):]
-    return _materialized(lambda: _strided_max_fwd(x, window, strides)[0], x[(0,) * x.ndim].astype(jnp.float32), shape,
-                         x.dtype)
+    return _materialized(lambda: _strided_max_fwd(x, window, strides)[0], x, shape, x.dtype)
 
 
 def _strided_max_fwd(x, window, strides):
@@ -1207,7 +1209,7 @@ def relu(x):
 def _relu_fwd(x):
     # isolated for the reason the packed product is (_lhs_product_fwd): one float array, read by the
     # mask and by the BatchNorm after it, instead of that and the input XLA would recompute it from
-    y = _isolated(lambda: jnp.maximum(x, 0), x[(0,) * x.ndim].astype(jnp.float32), x.shape, x.dtype)
+    y = _isolated(lambda: jnp.maximum(x, 0), x, x.shape, x.dtype)
     return y, y
 
 
