@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from bnnjax import datasets, export, ops, summary, train
+from bnnjax import datasets, export, ops, packing, summary, train
 
 __all__ = ["Config", "cli", "run", "load_data", "steps_per_epoch", "add_distributed_flags", "start_distributed",
            "fail"]
@@ -199,8 +199,9 @@ def run(name: str, model, tx, config, workdir, data=None, *, loss="cross_entropy
             result["packed_file_bytes"] = save(artifact)
         result["packed_variables_bytes"] = export.packed_bytes(packed)
         if lead:
-            deployed = export.load_artifact(artifact)  # evaluated as deployed: the file alone
-            pred_p = np.concatenate([np.asarray(deployed.call(xt[i:i + 1000])).argmax(-1)
+            deployed = jax.jit(export.load_artifact(artifact).call,  # evaluated as deployed: the file alone
+                               compiler_options=packing.compiler_options())
+            pred_p = np.concatenate([np.asarray(deployed(xt[i:i + 1000])).argmax(-1)
                                      for i in range(0, len(xt), 1000)])
             apply = jax.jit(export._inference_fn(model, variables))
             pred_f = np.concatenate([np.asarray(apply(xt[i:i + 1000])).argmax(-1) for i in range(0, len(xt), 1000)])

@@ -42,7 +42,7 @@ from flax import nnx, serialization, struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bnnjax import optim
+from bnnjax import optim, packing
 from bnnjax.datasets import epoch_permutation
 
 __all__ = ["TrainState", "create_train_state", "softmax_cross_entropy", "squared_hinge", "LOSSES",
@@ -269,8 +269,9 @@ def _compiled(loss, preprocess=None):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_cached(loss, preprocess):
-    return (jax.jit(_scan_steps(make_train_step(loss, preprocess)), donate_argnums=0),
-            jax.jit(make_eval_step(loss, preprocess)))
+    options = packing.compiler_options()
+    return (jax.jit(_scan_steps(make_train_step(loss, preprocess)), donate_argnums=0, compiler_options=options),
+            jax.jit(make_eval_step(loss, preprocess), compiler_options=options))
 
 
 def _int32_step(state):

@@ -12,6 +12,8 @@ where a file exists. Paths:
 - ``packed_closure``: the same, jitted with the packed variables closed over (XLA sees the weights as
   constants, as in the artifact);
 - ``artifact``: the ``save_artifact`` file, deserialized and called (``bytes``: the file);
+- ``artifact_default_options``: the same, jitted without :func:`bnnjax.packing.compiler_options`
+  (every other path compiles with them: 512-bit vectors on an AVX-512 CPU);
 - ``iree``: the same StableHLO compiled by IREE for this CPU at that batch size (extra ``iree``;
   ``bytes``: the batch-1 module).
 
@@ -59,16 +61,20 @@ def interleaved_ms(fns: dict, x, repeats: int) -> dict:
 
 def kernel_rates(repeats: int = 7) -> dict:
     """MACs per second of the packed XNOR-popcount matmul and of XLA's float32 dot at 2048^3 (±1 data),
-    as ``bench_kernels.py`` measures them."""
+    as ``bench_kernels.py`` measures them; each the faster of XLA's default options and
+    :func:`bnnjax.packing.compiler_options` (the bound is the tighter for it)."""
     from bench_kernels import best_ms  # experiments/ is on sys.path when this script runs
 
     n = 2048
     rng = np.random.default_rng(0)
     x, y = (np.where(rng.random((n, n)) < 0.5, 1.0, -1.0).astype(np.float32) for _ in range(2))
-    f32 = jax.jit(lambda u, v: jnp.dot(u, v.T))
-    packed = jax.jit(lambda u, v: packing.xnor_matmul(u, v, n))
-    f32_ms = best_ms(f32, jnp.asarray(x), jnp.asarray(y), repeats=repeats)
-    packed_ms = best_ms(packed, packing.pack_bits(x), packing.pack_bits(y), repeats=repeats)
+    xf, yf, xp, yp = jnp.asarray(x), jnp.asarray(y), packing.pack_bits(x), packing.pack_bits(y)
+    f32_ms = packed_ms = float("inf")
+    for opts in ({}, packing.compiler_options()):
+        f32 = jax.jit(lambda u, v: jnp.dot(u, v.T), compiler_options=opts)
+        packed = jax.jit(lambda u, v: packing.xnor_matmul(u, v, n), compiler_options=opts)
+        f32_ms = min(f32_ms, best_ms(f32, xf, yf, repeats=repeats))
+        packed_ms = min(packed_ms, best_ms(packed, xp, yp, repeats=repeats))
     return {"binary_macs_per_s": n ** 3 / (packed_ms / 1e3), "float_macs_per_s": n ** 3 / (f32_ms / 1e3),
             "packed_2048_ms": round(packed_ms, 3), "f32_2048_ms": round(f32_ms, 3)}
 
@@ -105,9 +111,10 @@ def run(name, build, a, rates):
     model, variables, xs, batches = build(a)
     per_image_ms, macs = bound_ms(model, variables, xs[:1], rates)
     packed = export.pack(model, variables, xs[:1])
-    float_apply = jax.jit(model.apply)
+    opts = packing.compiler_options()  # every path compiles as the docs tell users to
+    float_apply = jax.jit(model.apply, compiler_options=opts)
     with ops.float_forward():
-        float_fn = jax.jit(lambda v, x: model.apply(v, x))
+        float_fn = jax.jit(lambda v, x: model.apply(v, x), compiler_options=opts)
         ref = {b: float_fn.lower(variables, xs[:b]).compile() for b in batches}  # traced inside the block
     tmp = tempfile.mkdtemp()
     path = Path(tmp) / f"{name}.stablehlo"
@@ -117,8 +124,10 @@ def run(name, build, a, rates):
         "float": (lambda b: (lambda x: ref[b](variables, x)), None),
         "flax_eval": (lambda b: (lambda x: float_apply(variables, x)), None),
         "packed": (lambda b: (lambda x: float_apply(packed, x)), export.packed_bytes(packed)),
-        "packed_closure": (lambda b: jax.jit(lambda x: model.apply(packed, x)), export.packed_bytes(packed)),
-        "artifact": (lambda b: jax.jit(deployed.call), file_bytes),
+        "packed_closure": (lambda b: jax.jit(lambda x: model.apply(packed, x), compiler_options=opts),
+                           export.packed_bytes(packed)),
+        "artifact": (lambda b: jax.jit(deployed.call, compiler_options=opts), file_bytes),
+        "artifact_default_options": (lambda b: jax.jit(deployed.call), file_bytes),
     }
     if a.iree:
         try:

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import bnnjax
-from bnnjax import datasets, ops, train, zoo
+from bnnjax import datasets, ops, packing, train, zoo
 
 
 def _peak_rss_mib() -> float:
@@ -94,12 +94,13 @@ def bench_quicknet(a) -> list[dict]:
             state = train.create_train_state(zoo.load("QuickNet", api="nnx", classifier_activation=None), tx)
         else:
             state = train.create_train_state(zoo.QuickNet(num_classes=1000, classifier_activation=None), tx, x[:1])
+        options = packing.compiler_options()  # what fit's own steps compile with
         t0 = time.perf_counter()
         if a.compile_only:
             xs, ys = jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype)
-            step = jax.jit(train.make_train_step(), donate_argnums=0).lower(state, xs, ys).compile()
+            step = jax.jit(train.make_train_step(), donate_argnums=0, compiler_options=options).lower(state, xs, ys).compile()
         else:
-            step = jax.jit(train.make_train_step(), donate_argnums=0).lower(state, x, y).compile()
+            step = jax.jit(train.make_train_step(), donate_argnums=0, compiler_options=options).lower(state, x, y).compile()
         compile_s = time.perf_counter() - t0
     row = {"benchmark": "train_quicknet", "api": a.api, "residuals": a.residuals, "batch_size": a.batch_size,
            "temp_MiB": round(step.memory_analysis().temp_size_in_bytes / 2**20, 1), "compile_s": round(compile_s, 1),

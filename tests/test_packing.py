@@ -138,3 +138,19 @@ def test_backend_choice_is_made_once():
     assert pk.backend_kernel("cpu") == "popcount" and pk.backend_kernel("gpu") == "int8"
     with pytest.raises(ValueError, match="kernel must be"):
         pk.xnor_matmul(pk.pack_bits(np.ones((2, 3))), pk.pack_bits(np.ones((2, 3))), 3, kernel="magic")
+
+
+def test_compiler_options_are_per_backend_and_change_no_integer():
+    """512-bit vectors on an AVX-512 CPU, nothing elsewhere; the packed kernels (blocked, and fused into
+    an elementwise consumer) give the same integers compiled either way."""
+    with open("/proc/cpuinfo") as f:
+        avx512 = any(line.startswith("flags") and " avx512f" in line for line in f)
+    assert pk.compiler_options("cpu") == ({"xla_cpu_prefer_vector_width": 512} if avx512 else {})
+    assert pk.compiler_options("gpu") == {} and pk.compiler_options("tpu") == {}
+    rng = np.random.default_rng(5)
+    a, b = pm1(rng, (3001, 100)), pm1(rng, (37, 100))
+    pa, pb = pk.pack_bits(a), pk.pack_bits(b)
+    want = (a @ b.T).astype(np.int32)
+    for inference in (False, True):
+        fn = lambda x, y: 2 * pk.xnor_matmul(x, y, 100, inference=inference) + 1
+        np.testing.assert_array_equal(jax.jit(fn, compiler_options=pk.compiler_options())(pa, pb), 2 * want + 1)
