@@ -1,7 +1,7 @@
 """Inference benchmark: float, Flax eval, packed and exported-artifact paths, seed 000 and QuickNet.
 
 Prints one JSON line per (model, path, batch): ``img_s``, ``latency_ms`` (median of repeated calls, the
-paths timed round-robin),
+paths timed round-robin, ``--burst`` back-to-back calls of each per round),
 ``predictions_identical`` (argmax equal to the float path's on the evaluation batch) and ``bytes``
 where a file exists. Paths:
 
@@ -26,7 +26,7 @@ seed 000 is trained briefly on Fashion-MNIST (``--train-steps``) and evaluated o
 QuickNet (larq-zoo's architecture, 224x224) uses random weights with randomized BatchNorm statistics
 and a random batch.
 
-    python experiments/bench_inference.py [--models seed000,quicknet] [--repeats 30] [--out results/FILE.jsonl]
+    python experiments/bench_inference.py [--models seed000,quicknet] [--repeats 30] [--burst 3] [--out results/FILE.jsonl]
 """
 from __future__ import annotations
 
@@ -45,21 +45,24 @@ import bnnjax
 from bnnjax import datasets, export, ops, packing, train, zoo
 
 
-def interleaved_ms(fns: dict, x, repeats: int) -> dict:
-    """Median milliseconds per call of each function on ``x``, timed round-robin (one call of each per
-    round) so that the machine's speed drifting during the run affects every path alike."""
+def interleaved_ms(fns: dict, x, repeats: int, burst: int = 1) -> dict:
+    """Median milliseconds per call of each function on ``x``, timed round-robin so that the machine's
+    speed drifting during the run affects every path alike: each round calls every path ``burst``
+    times in a row (a serving loop's back-to-back calls, as the peers' scripts and the kernel rates
+    are timed), ``repeats`` rounds."""
     for fn in fns.values():
         jax.block_until_ready(fn(x))
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times[name].append(time.perf_counter() - t)
+            for _ in range(burst):
+                t = time.perf_counter()
+                jax.block_until_ready(fn(x))
+                times[name].append(time.perf_counter() - t)
     return {name: 1e3 * float(np.median(ts)) for name, ts in times.items()}
 
 
-def kernel_rates(repeats: int = 7) -> dict:
+def kernel_rates(repeats: int = 15) -> dict:
     """MACs per second of the packed XNOR-popcount matmul and of XLA's float32 dot at 2048^3 (±1 data),
     as ``bench_kernels.py`` measures them; each the faster of XLA's default options and
     :func:`bnnjax.packing.compiler_options` (the bound is the tighter for it)."""
@@ -142,7 +145,7 @@ def run(name, build, a, rates):
         fns = {pname: make(b) for pname, (make, _) in paths.items()}
         identical = {pname: bool(np.array_equal(np.concatenate([np.asarray(fn(x)).argmax(-1) for x in evals]), want))
                      for pname, fn in fns.items()}
-        ms = interleaved_ms(fns, evals[0], a.repeats if b == 1 else max(3, a.repeats // 5))
+        ms = interleaved_ms(fns, evals[0], a.repeats if b == 1 else max(3, a.repeats // 5), a.burst)
         for pname, (_, nbytes) in paths.items():
             row = {"model": name, "path": pname, "batch": b, "img_s": round(1e3 * b / ms[pname], 1),
                    "latency_ms": round(ms[pname], 3), "predictions_identical": identical[pname],
@@ -163,7 +166,8 @@ def main(argv=None):
     p.add_argument("--models", default="seed000,quicknet")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=30, help="rounds of the round-robin timing")
+    p.add_argument("--burst", type=int, default=3, help="back-to-back calls of each path per round")
     p.add_argument("--iree", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default=None, help="also append each line, with its provenance, to this results file")
     a = p.parse_args(argv)
