@@ -264,8 +264,8 @@ def compiler_options(backend: str | None = None) -> dict:
     On an x86 CPU with AVX-512, ``{"xla_cpu_prefer_vector_width": 512}``: XLA:CPU emits 256-bit
     vectors by default, and the popcount loops fused into their BatchNorm/sign consumers, the packing
     of activations and the float layers around them run faster on 512-bit ones (QuickNet's artifact on
-    this project's 2-core AVX-512 machine: 5.09 -> 4.75 ms at batch 1, 57.6 -> 50.5 ms at batch 16;
-    its training step at batch 32: 1.29 -> 1.25 s). Elsewhere (other CPUs, GPUs, TPUs) ``{}``. The
+    this project's 2-core AVX-512 machine: 4.86 -> 4.39 ms at batch 1, 52.1 -> 46.3 ms at batch 16,
+    ``experiments/bench_inference.py``). Elsewhere (other CPUs, GPUs, TPUs) ``{}``. The
     options change how XLA vectorizes, not what it computes: integer results are the same, float
     sums may round differently.
     """

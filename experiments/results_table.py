@@ -53,7 +53,7 @@ KERNEL_CASES = {  # case id -> what it is
     "odd_k_1000": "odd k",
 }
 
-PATHS = ("float", "flax_eval", "packed", "packed_closure", "artifact", "iree")
+PATHS = ("float", "flax_eval", "packed", "packed_closure", "artifact", "artifact_default_options", "iree")
 MODEL_NAMES = {"seed000": "seed 000", "quicknet": "QuickNet"}
 
 
@@ -143,8 +143,10 @@ def inference(results_dir: Path = RESULTS) -> str:
             r = paths.get(p)
             cells.append("-" if r is None else (_ms(r["latency_ms"]) if batch == 1 else _rate(r["img_s"])))
         same = all(r.get("predictions_identical") for r in paths.values())
-        rows.append([MODEL_NAMES.get(model, model), batch, *cells, "yes" if same else "NO"])
-    return _table(["model", "batch", *PATHS, "predictions = float's"], rows)
+        art = paths.get("artifact", {})
+        bound = [_ms(art["bound_ms"]), f"{art['ratio_to_bound']:.2f}"] if "bound_ms" in art else ["-", "-"]
+        rows.append([MODEL_NAMES.get(model, model), batch, *cells, *bound, "yes" if same else "NO"])
+    return _table(["model", "batch", *PATHS, "bound", "artifact / bound", "predictions = float's"], rows)
 
 
 def inference_sizes(results_dir: Path = RESULTS) -> str:
@@ -193,7 +195,7 @@ def _rounds(results_dir: Path) -> list[dict]:
     """Paired rounds: ``{"series", "round", "bfloat16", "float32", "larq": [epoch seconds]}``."""
     rounds: dict[tuple, dict] = {}
     for r in read(Path(results_dir) / "train_seed000.jsonl"):
-        if "round" in r and r.get("api", "linen") == "linen":
+        if "round" in r and "seconds_per_epoch" in r and r.get("api", "linen") == "linen":
             key = (r["series"], r["round"])
             rounds.setdefault(key, {"series": r["series"], "round": r["round"], "date": r.get("date", "")})
             rounds[key][_gradients(r)] = r["seconds_per_epoch"]
