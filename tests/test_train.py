@@ -45,6 +45,19 @@ def new_state(seed=0):
     return train.create_train_state(SMALL, TX, data()[0][:1], seed=seed)
 
 
+def test_each_compilation_hands_the_compilers_memory_back(monkeypatch):
+    """Importing bnnjax.train makes every XLA compilation end with glibc's malloc_trim(0), which returns
+    what the compiler freed to the OS (QuickNet's training: peak RSS 1,683 -> 1,268 MiB)."""
+    calls = []
+    monkeypatch.setattr(train, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    salt = float(np.random.default_rng().random())  # a program no cache holds: one backend compilation
+    jax.jit(lambda v: v * salt + 1.0).lower(jnp.ones(7)).compile()
+    assert calls and set(calls) == {0}
+    calls.clear()
+    train._trim_after_compile("/jax/some/other_event", 0.1)
+    assert not calls
+
+
 def test_losses_match_their_formulas():
     logits = jnp.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
     labels = jnp.array([0, 1])
