@@ -21,19 +21,6 @@ def _found(module: str) -> bool:
         return False
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
 def report() -> list[str]:
     """The lines ``python -m bnnjax`` prints."""
     import jax
@@ -49,7 +36,7 @@ def report() -> list[str]:
              f"backend: {backend}, {len(devices)} device{'s' if len(devices) != 1 else ''}: "
              + ", ".join(sorted({d.device_kind for d in devices}))]
     if kernel == "popcount":
-        flags = cpu_flags()
+        flags = packing.cpu_flags()
         if "avx512_vpopcntdq" in flags:
             simd = "AVX-512 VPOPCNTDQ: yes (vector popcounts)"
         elif flags:

@@ -18,6 +18,7 @@ backends unpack to int8 and use their integer dot units. The choice is made at t
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -30,7 +31,7 @@ from bnnjax import _padding
 
 __all__ = ["WORD_BITS", "num_words", "pack_bits", "unpack_bits", "xnor_matmul", "xnor_matmul_blocked",
            "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "pad_correction",
-           "tap_sums", "backend_kernel", "compiler_options", "pack_kernel", "PackedKernel"]
+           "tap_sums", "backend_kernel", "compiler_options", "cpu_flags", "pack_kernel", "PackedKernel"]
 
 WORD_BITS = 32
 ROW_BLOCK = 8  # rows of the left operand per vector lane group on CPU
@@ -269,18 +270,22 @@ def compiler_options(backend: str | None = None) -> dict:
     options change how XLA vectorizes, not what it computes: integer results are the same, float
     sums may round differently.
     """
-    if (backend or jax.default_backend()) != "cpu" or not _has_avx512():
+    if (backend or jax.default_backend()) != "cpu" or "avx512f" not in cpu_flags():
         return {}
     return {"xla_cpu_prefer_vector_width": 512}
 
 
-@functools.cache
-def _has_avx512() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:  # not Linux: XLA's default vector width
-        return False
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 def backend_kernel(backend: str | None = None) -> str:

@@ -61,8 +61,8 @@ CHECKPOINT_VERSION = 1
 
 # XLA's compiler frees its working memory (several hundred MiB for a 224x224 model) back to glibc's
 # allocator, which keeps it mapped; the process's peak then counts it on top of the first step's
-# activations. Each finished compilation hands it back to the OS (glibc's malloc_trim). QuickNet's
-# training at batch 32: peak RSS 1,683 -> 1,268 MiB, the step unchanged.
+# activations. Each finished compilation hands it back to the OS (glibc's malloc_trim, ~1 ms). QuickNet's
+# training at batch 32 (experiments/bench_train.py): peak RSS 1,666-1,709 -> 1,323-1,342 MiB, the step unchanged.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 

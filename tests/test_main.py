@@ -41,7 +41,9 @@ def test_version_is_a_release_number():
 @pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_vpopcntdq"}, "VPOPCNTDQ: yes"),
                                              ({"avx2"}, "VPOPCNTDQ: no"), (set(), "CPU features unknown")])
 def test_says_whether_popcounts_are_vectorized(monkeypatch, flags, expected):
-    monkeypatch.setattr(main_module, "cpu_flags", lambda: flags)
+    from bnnjax import packing
+
+    monkeypatch.setattr(packing, "cpu_flags", lambda: flags)
     assert expected in "\n".join(main_module.report())
 
 

@@ -47,7 +47,7 @@ def new_state(seed=0):
 
 def test_each_compilation_hands_the_compilers_memory_back(monkeypatch):
     """Importing bnnjax.train makes every XLA compilation end with glibc's malloc_trim(0), which returns
-    what the compiler freed to the OS (QuickNet's training: peak RSS 1,683 -> 1,268 MiB)."""
+    what the compiler freed to the OS."""
     calls = []
     monkeypatch.setattr(train, "_malloc_trim", lambda pad: calls.append(pad) or 1)
     salt = float(np.random.default_rng().random())  # a program no cache holds: one backend compilation
