@@ -209,17 +209,29 @@ def _unfused(fn, probe, out_shape, out_dtype):
 
 
 def _xnor_direct(a, b, k):
-    # small M (batch-1 inference): one fused loop over the (M, N) output, no blocking or padding
-    return k - 2 * _chunked(a, 1, b.T, 0).astype(jnp.int32)
+    # small M (batch-1 inference) or a small kernel: one fused loop over the (M, N) output, vectorized
+    # along N, so it reads b as (W, N) rows. The transposed kernel is made first, flat, in a conditional
+    # XLA cannot fold or fuse (probed on the activations): left a transpose, XLA read b in place with N
+    # strided and lost the vectors whenever b was a jit argument rather than a constant it folds (seed
+    # 000 at batch 1000: 10.7 -> 5.7 ms; QuickNet at batch 16: 90 -> 54 ms with 64-channel kernels direct)
+    probe = a[0, 0] if a.shape[0] != 0 else b[0, 0]
+    bt = _unfused(lambda: b.T.reshape(-1), probe, (b.size,), b.dtype).reshape(b.shape[1], b.shape[0])
+    return k - 2 * _chunked(a, 1, bt, 0).astype(jnp.int32)
 
 
 _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional cost more than they save
-# packed inference: kernels of at most this many words take the fusible direct kernel at any M, so XLA
-# computes each output inside its consumer (BatchNorm, sign, packing of the next layer's input) instead
-# of writing M x N int32 (seed 000 at batch 1000, weights as jit arguments: 25.8 -> 12.2 ms). Training
-# keeps the isolated kernel: fused into a training BatchNorm's reductions, XLA recomputed it per use;
-# so does a symbolic batch (an exported artifact: there the blocked kernel measured faster, 7.0 vs 9.2 ms).
-_DIRECT_MAX_KERNEL_WORDS = 1024
+# packed inference: kernels of at most this many words take the fusible direct kernel at any M, a
+# symbolic one included, so XLA computes each output inside its consumer (BatchNorm, sign, packing of
+# the next layer's input) instead of writing M x N int32. 2048 takes seed 000's layers and QuickNet's
+# 64-channel section (1152 words): QuickNet's batch 16 ran 68 -> 49 ms with the weights as jit arguments,
+# 47.4 -> 45.7 ms as an artifact; seed 000's artifact at batch 1000 6.9 -> 6.3 ms. 8192 made the
+# jit-argument program slower again (57 ms). Training keeps the isolated kernel: fused into a training BatchNorm's reductions, XLA
+# recomputed it per use.
+_DIRECT_MAX_KERNEL_WORDS = 2048
+
+
+def _fuses_into_consumer(b, inference: bool) -> bool:
+    return inference and b.shape[0] * b.shape[1] <= _DIRECT_MAX_KERNEL_WORDS
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -227,9 +239,8 @@ def _xnor_popcount(a, b, k, inference=False):
     # jit: layers with the same shapes share one lowered function, so an exported model holds each
     # unrolled kernel once (QuickNet's StableHLO: 0.3 MB smaller, 4.54 MB); XLA inlines it
     m = a.shape[0]
-    # a symbolic row count (jax.export with a symbolic batch) takes the blocked kernel
-    if isinstance(m, int) and (m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK or (
-            inference and b.shape[0] * b.shape[1] <= _DIRECT_MAX_KERNEL_WORDS)):
+    # a symbolic row count (jax.export with a symbolic batch) takes the blocked kernel unless fused
+    if (isinstance(m, int) and m * b.shape[0] * b.shape[1] <= _DIRECT_MAX_WORK) or _fuses_into_consumer(b, inference):
         return _xnor_direct(a, b, k)
     return _blocked(a, b, k)
 
@@ -324,7 +335,8 @@ def xnor_matmul(a, b, k: int, kernel: str | None = None, inference: bool = False
     lead = a.shape[:-2]
     a2 = a.reshape(-1, w)
     kernel = kernel or backend_kernel()
-    if kernel == "popcount" and lead and not isinstance(a2.shape[0], int) and _blocks_per_image(a.shape[-2]):
+    if kernel == "popcount" and lead and not isinstance(a2.shape[0], int) and _blocks_per_image(a.shape[-2]) and not (
+            _fuses_into_consumer(b, inference)):
         # a symbolic batch (jax.export): row blocks within each image keep every shape a multiple of
         # the batch; blocks across images would make each shape a floor division the program recomputes
         out = _xnor_popcount_images(a.reshape(-1, a.shape[-2], w), b, k)

@@ -1,4 +1,5 @@
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,18 +34,49 @@ def test_xnor_matmul_is_exact(kernel, m, n, k):
     np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
 
 
-@pytest.mark.parametrize("m,n,k", [(9000, 64, 288), (5001, 10, 1600), (4100, 31, 1000)])
+@pytest.mark.parametrize("m,n,k", [(9000, 64, 288), (5001, 10, 1600), (4100, 31, 1000), (3001, 64, 570)])
 def test_inference_kernel_for_small_kernels_is_exact(m, n, k):
-    """Packed inference gives small kernels (at most 1024 words) the fusible direct kernel at any batch;
+    """Packed inference gives small kernels (at most 2048 words) the fusible direct kernel at any batch;
     large M, N or K not multiples of 8 or 32: the same integers as the isolated blocked kernel."""
     rng = np.random.default_rng(m + n + k)
     a, b = pm1(rng, (m, k)), pm1(rng, (n, k))
     pa, pb = pk.pack_bits(a), pk.pack_bits(b)
-    fused = str(jax.make_jaxpr(lambda x, y: pk.xnor_matmul(x, y, k, inference=True))(pa, pb))
-    assert "cond" not in fused  # the direct kernel, not the isolated blocked one
-    assert "cond" in str(jax.make_jaxpr(lambda x, y: pk.xnor_matmul(x, y, k))(pa, pb))
+    # the direct kernel's conditional makes the transposed kernel; the blocked one's, the int32 product
+    assert _conditional_outputs(lambda x, y: pk.xnor_matmul(x, y, k, inference=True), pa, pb) == [jnp.uint32]
+    assert _conditional_outputs(lambda x, y: pk.xnor_matmul(x, y, k), pa, pb) == [jnp.int32]
     out = jax.jit(lambda x, y: pk.xnor_matmul(x, y, k, inference=True))(pa, pb)
     np.testing.assert_array_equal(out, (a @ b.T).astype(np.int32))
+
+
+def _conditional_outputs(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    found = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "cond":
+                found.extend(v.aval.dtype for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("m", [1, 4000])
+def test_direct_kernel_reads_a_kernel_argument_in_rows(m):
+    """With the kernel a jit argument (how a user jits ``model.apply(packed, x)``), the direct kernel's
+    fused popcount loop reads it as made-up ``(W, N)`` rows, one flat buffer, never the ``(N, W)``
+    argument itself: read in place, N strided, XLA left the loop unvectorized (seed 000 ran 1.7x slower
+    than with the weights closed over)."""
+    rng = np.random.default_rng(m)
+    a, b = pm1(rng, (m, 288)), pm1(rng, (64, 288))
+    fn = jax.jit(lambda x, y: jnp.maximum(pk.xnor_matmul(x, y, 288, inference=True), 0))
+    text = fn.lower(pk.pack_bits(a), pk.pack_bits(b)).compile().as_text()
+    popcount_fusions = [body for body in text.split("\n\n") if "popcnt(" in body]
+    assert popcount_fusions
+    for body in popcount_fusions:
+        assert "u32[64,9]" not in body and "u32[576]" in body, body[:2000]
+    np.testing.assert_array_equal(fn(pk.pack_bits(a), pk.pack_bits(b)), np.maximum(a @ b.T, 0).astype(np.int32))
 
 
 @pytest.mark.parametrize("words,chunk", [(5, 5), (7, 7), (18, 9), (36, 12), (144, 16), (34, 34)])
