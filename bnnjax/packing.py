@@ -222,12 +222,13 @@ def _xnor_direct(a, b, k):
 _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional cost more than they save
 # packed inference: kernels of at most this many words take the fusible direct kernel at any M, a
 # symbolic one included, so XLA computes each output inside its consumer (BatchNorm, sign, packing of
-# the next layer's input) instead of writing M x N int32. 2048 takes seed 000's layers and QuickNet's
-# 64-channel section (1152 words): QuickNet's batch 16 ran 68 -> 49 ms with the weights as jit arguments,
-# 47.4 -> 45.7 ms as an artifact; seed 000's artifact at batch 1000 6.9 -> 6.3 ms. 8192 made the
-# jit-argument program slower again (57 ms). Training keeps the isolated kernel: fused into a training BatchNorm's reductions, XLA
+# the next layer's input) instead of writing M x N int32. 4608 takes seed 000's layers and QuickNet's
+# 64- and 128-channel sections (1152 and 4608 words). In-process A/Bs, QuickNet at batch 16: the
+# artifact 47.4 -> 45.7 ms (1024 -> 2048 words), weights as jit arguments 48.7 -> 45.3 ms (2048 -> 4608;
+# all of QuickNet's layers direct: 46.5 ms, and batch 1 slower); seed 000's artifact at batch 1000
+# 6.9 -> 6.3 ms. Training keeps the isolated kernel: fused into a training BatchNorm's reductions, XLA
 # recomputed it per use.
-_DIRECT_MAX_KERNEL_WORDS = 2048
+_DIRECT_MAX_KERNEL_WORDS = 4608
 
 
 def _fuses_into_consumer(b, inference: bool) -> bool:

@@ -36,7 +36,7 @@ def test_xnor_matmul_is_exact(kernel, m, n, k):
 
 @pytest.mark.parametrize("m,n,k", [(9000, 64, 288), (5001, 10, 1600), (4100, 31, 1000), (3001, 64, 570)])
 def test_inference_kernel_for_small_kernels_is_exact(m, n, k):
-    """Packed inference gives small kernels (at most 2048 words) the fusible direct kernel at any batch;
+    """Packed inference gives small kernels (at most 4608 words) the fusible direct kernel at any batch;
     large M, N or K not multiples of 8 or 32: the same integers as the isolated blocked kernel."""
     rng = np.random.default_rng(m + n + k)
     a, b = pm1(rng, (m, k)), pm1(rng, (n, k))
