@@ -348,9 +348,20 @@ class _Im2col:
         ``(M, N)``. With the kernel's :func:`packing.tap_sums` the padded taps count as zeros (LCE's
         zero-padding correction: they were read as +1); without, as +1 (one-padding). ``inference``,
         ``xnor_kernel``: :func:`packing.xnor_matmul`'s ``inference`` and ``kernel``."""
-        n = words.shape[0]
         # rows by image: what lets a symbolic batch block rows within images (packing.xnor_matmul)
         y = packing.xnor_matmul(rows.reshape(self.in_shape[0], -1, rows.shape[-1]), words, k, xnor_kernel, inference)
+        return self._corrected(y, sums)
+
+    def product_of_input(self, inwords, words, k: int, sums=None, inference: bool = False, xnor_kernel=None):
+        """:meth:`product_of_words` from :meth:`packed_input`'s words: in packed inference on CPU with a
+        kernel small enough for the fused direct kernel, straight from the taps (no patches)."""
+        if inference and (xnor_kernel or packing.backend_kernel()) == "popcount" and packing._fuses_into_consumer(words):
+            taps = packing.word_taps(inwords, self.kernel_spatial, self.strides, self.dilation)
+            return self._corrected(packing.xnor_conv_taps(taps, words, k), sums)
+        return self.product_of_words(self.rows_from_input(inwords), words, k, sums, inference, xnor_kernel)
+
+    def _corrected(self, y, sums):
+        n = y.shape[-1]
         if sums is not None and self.padded:
             corr = packing.pad_correction(sums, self.in_shape[1:3], self.strides, self.pads, self.dilation)
             y = y.reshape((self.in_shape[0], -1, n)) - corr.reshape(-1, n)
@@ -427,6 +438,9 @@ class _Rows:
 
     def product_of_words(self, rows, words, k: int, sums=None, inference: bool = False, xnor_kernel=None):
         return packing.xnor_matmul(rows, words, k, xnor_kernel, inference).astype(jnp.float32)
+
+    def product_of_input(self, inwords, words, k: int, sums=None, inference: bool = False, xnor_kernel=None):
+        return self.product_of_words(inwords, words, k, sums, inference, xnor_kernel)
 
     def unpacked_transposed(self, words, dtype):
         return packing.unpack_bits(words.T, self.in_shape[-1], dtype, axis=0)
@@ -757,17 +771,17 @@ _DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: 
 
 # --- inference on packed kernels ------------------------------------------------------------------
 
-def _packed_product(lhs, rows, kernel: packing.PackedKernel, zero_padded: bool, xnor_kernel: str):
-    """``A @ K`` for ``rows`` the packed patches of ``A`` and a :class:`~bnnjax.packing.PackedKernel`
+def _packed_product(lhs, inwords, kernel: packing.PackedKernel, zero_padded: bool, xnor_kernel: str):
+    """``A @ K`` for ``inwords`` the packed input of ``A`` (``lhs.packed_input``) and a :class:`~bnnjax.packing.PackedKernel`
     ``K`` (a scale times ±1, or ABC-Net's ``sum_m alpha_m B_m``), float32 ``(M, N)``."""
     # the zero-padding correction's per-tap sums, from the words (XLA folds them for constant weights)
     sums = kernel.tap_sums() if zero_padded and getattr(lhs, "padded", False) else None
     if kernel.alpha is None:
-        y = lhs.product_of_words(rows, kernel.words, kernel.k, sums, True, xnor_kernel)
+        y = lhs.product_of_input(inwords, kernel.words, kernel.k, sums, True, xnor_kernel)
         return y if kernel.scale is None else y * kernel.scale
     y = None
     for m in range(kernel.words.shape[0]):
-        z = kernel.alpha[m] * lhs.product_of_words(rows, kernel.words[m], kernel.k, None if sums is None else sums[m],
+        z = kernel.alpha[m] * lhs.product_of_input(inwords, kernel.words[m], kernel.k, None if sums is None else sums[m],
                                                    True, xnor_kernel)
         y = z if y is None else y + z
     return y
@@ -835,11 +849,11 @@ def _bases_product(lhs, x, kernel, shifts, betas, zero_padded: bool, xnor_kernel
     # constant weights). xnor_kernel, the XNOR kernel chosen for this backend, is static: a trace for
     # one backend's kernel is not reused for another's.
     if shifts is None:
-        return _packed_product(lhs, lhs.packed_rows(x), kernel, zero_padded, xnor_kernel)
+        return _packed_product(lhs, lhs.packed_input(x), kernel, zero_padded, xnor_kernel)
     y = None
     for n in range(shifts.shape[0]):
         # ABC's A_n = sign(clip(x + v_n, 0, 1) - 0.5) is -1 exactly where x + v_n - 0.5 < 0
-        z = betas[n] * _packed_product(lhs, lhs.packed_rows(x + shifts[n] - 0.5), kernel, zero_padded, xnor_kernel)
+        z = betas[n] * _packed_product(lhs, lhs.packed_input(x + shifts[n] - 0.5), kernel, zero_padded, xnor_kernel)
         y = z if y is None else y + z
     return y
 

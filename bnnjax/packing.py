@@ -30,7 +30,8 @@ from jax import lax
 from bnnjax import _padding
 
 __all__ = ["WORD_BITS", "num_words", "pack_bits", "unpack_bits", "xnor_matmul", "xnor_matmul_blocked",
-           "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "pad_correction",
+           "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "word_taps", "xnor_conv_taps",
+           "pad_correction",
            "tap_sums", "backend_kernel", "compiler_options", "cpu_flags", "pack_kernel", "PackedKernel"]
 
 WORD_BITS = 32
@@ -208,30 +209,67 @@ def _unfused(fn, probe, out_shape, out_dtype):
     return lax.cond(always, fn, lambda: jnp.zeros(out_shape, out_dtype))
 
 
+def xnor_conv_taps(taps, b, k: int):
+    """The direct XNOR-popcount product of a convolution fed its taps: ``sum_t taps[t] @ b_t.T`` as int32.
+
+    ``out[..., n] = k - 2 * sum_t sum_w popcount(taps[t][..., w] XOR b[n, t * Wc + w])``: the same
+    integers as :func:`xnor_matmul` on the patches ``concatenate(taps, -1)``, without the patches. Each
+    tap is a (strided) slice of the packed, padded input, which XLA reads in place inside the one loop
+    that also computes the consumer (BatchNorm, residual, the next layer's packing); the patches took
+    one small kernel per tap and a copy per layer. For kernels that take :func:`xnor_matmul`'s direct
+    (fusible) kernel in packed inference.
+
+    Args:
+      taps: uint32 ``(..., Wc)`` arrays of one shape, one per kernel tap in the kernel's order.
+      b: uint32 ``(N, len(taps) * Wc)`` packed kernel rows (:func:`pack_kernel`).
+      k: the true contraction length.
+
+    Returns:
+      int32 ``(..., N)``.
+    """
+    wc = taps[0].shape[-1]
+    if b.shape[1] != len(taps) * wc or any(t.shape != taps[0].shape or t.dtype != jnp.uint32 for t in taps):
+        raise ValueError(f"{len(taps)} taps of {wc} words and a {b.shape} kernel: need uint32 taps of one shape "
+                         f"and (N, taps * words per tap) kernel words.")
+    lead = taps[0].shape[:-1]
+    rows = [t.reshape(-1, wc) for t in taps]
+    bt = _transposed(b, rows[0])
+    acc = None
+    for i, r in enumerate(rows):
+        t = _popcounts(r, 1, lax.slice_in_dim(bt, i * wc, (i + 1) * wc, axis=0), 0)
+        acc = t if acc is None else acc + t
+    return (k - 2 * acc.astype(jnp.int32)).reshape(lead + (b.shape[0],))
+
+
+def _transposed(b, a):
+    # b.T made flat in a conditional XLA cannot fold or fuse (probed on the activations a): left a
+    # transpose, XLA read b in place with N strided and lost the vectors whenever b was a jit argument
+    # rather than a constant it folds (seed 000 at batch 1000: 10.7 -> 5.7 ms; QuickNet at batch 16:
+    # 90 -> 54 ms with 64-channel kernels direct)
+    probe = a[0, 0] if a.shape[0] != 0 else b[0, 0]
+    return _unfused(lambda: b.T.reshape(-1), probe, (b.size,), b.dtype).reshape(b.shape[1], b.shape[0])
+
+
 def _xnor_direct(a, b, k):
     # small M (batch-1 inference) or a small kernel: one fused loop over the (M, N) output, vectorized
-    # along N, so it reads b as (W, N) rows. The transposed kernel is made first, flat, in a conditional
-    # XLA cannot fold or fuse (probed on the activations): left a transpose, XLA read b in place with N
-    # strided and lost the vectors whenever b was a jit argument rather than a constant it folds (seed
-    # 000 at batch 1000: 10.7 -> 5.7 ms; QuickNet at batch 16: 90 -> 54 ms with 64-channel kernels direct)
-    probe = a[0, 0] if a.shape[0] != 0 else b[0, 0]
-    bt = _unfused(lambda: b.T.reshape(-1), probe, (b.size,), b.dtype).reshape(b.shape[1], b.shape[0])
-    return k - 2 * _chunked(a, 1, bt, 0).astype(jnp.int32)
+    # along N, so it reads b as (W, N) rows
+    return k - 2 * _chunked(a, 1, _transposed(b, a), 0).astype(jnp.int32)
 
 
 _DIRECT_MAX_WORK = 1 << 18  # word-ops below which blocking and the conditional cost more than they save
 # packed inference: kernels of at most this many words take the fusible direct kernel at any M, a
 # symbolic one included, so XLA computes each output inside its consumer (BatchNorm, sign, packing of
-# the next layer's input) instead of writing M x N int32. 4608 takes seed 000's layers and QuickNet's
-# 64- and 128-channel sections (1152 and 4608 words). In-process A/Bs, QuickNet at batch 16: the
-# artifact 47.4 -> 45.7 ms (1024 -> 2048 words), weights as jit arguments 48.7 -> 45.3 ms (2048 -> 4608;
-# all of QuickNet's layers direct: 46.5 ms, and batch 1 slower); seed 000's artifact at batch 1000
-# 6.9 -> 6.3 ms. Training keeps the isolated kernel: fused into a training BatchNorm's reductions, XLA
-# recomputed it per use.
-_DIRECT_MAX_KERNEL_WORDS = 4608
+# the next layer's input) instead of writing M x N int32, and a convolution reads its taps in place
+# (xnor_conv_taps). 18432 takes seed 000's layers and QuickNet's 64-, 128- and 256-channel sections
+# (1152, 4608 and 18432 words). In-process A/Bs, QuickNet at batch 16: the artifact 47.4 -> 45.7 ms
+# (1024 -> 2048 words), weights as jit arguments 48.7 -> 45.3 ms (2048 -> 4608), both with the patches;
+# from taps, the artifact 39.8 -> 39.0 ms (4608 -> 18432); all of QuickNet's layers direct: 40.5 ms,
+# and batch 1 slower. Training keeps the isolated kernel: fused into a training BatchNorm's reductions,
+# XLA recomputed it per use.
+_DIRECT_MAX_KERNEL_WORDS = 18432
 
 
-def _fuses_into_consumer(b, inference: bool) -> bool:
+def _fuses_into_consumer(b, inference: bool = True) -> bool:
     return inference and b.shape[0] * b.shape[1] <= _DIRECT_MAX_KERNEL_WORDS
 
 
@@ -363,17 +401,22 @@ def extract_patches(x_words, kernel_hw: Sequence[int], strides: Sequence[int], p
     """
     if any(p != (0, 0) for p in pads):
         x_words = jnp.pad(x_words, ((0, 0),) + tuple(tuple(p) for p in pads) + ((0, 0),))
+    cols = word_taps(x_words, kernel_hw, strides, dilation)
+    # stacked on a new axis, then merged: XLA fuses this with the slices into one loop, where a
+    # concatenation of the slices ran as nine kernels plus a copy (~15 % of QuickNet's batch-1 time)
+    return jnp.stack(cols, axis=3).reshape(cols[0].shape[:3] + (-1,))
+
+
+def word_taps(x_words, kernel_hw: Sequence[int], strides: Sequence[int], dilation: Sequence[int] = (1, 1)):
+    """The (strided) slice of padded packed words ``(N, H, W, Wc)`` under each kernel tap, row-major:
+    a list of ``(N, Ho, Wo, Wc)``, what :func:`extract_patches` concatenates."""
     n, h, w, c = x_words.shape
     kh, kw = kernel_hw
     sh, sw = strides
     dh, dw = dilation
     ho, wo = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
-    cols = [lax.slice(x_words, (0, i * dh, j * dw, 0),
-                      (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
-    # stacked on a new axis, then merged: XLA fuses this with the slices into one loop, where a
-    # concatenation of the slices ran as nine kernels plus a copy (~15 % of QuickNet's batch-1 time)
-    return jnp.stack(cols, axis=3).reshape(n, ho, wo, -1)
+    return [lax.slice(x_words, (0, i * dh, j * dw, 0), (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+                      (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
 
 
 def tap_sums(kernel_pm1):

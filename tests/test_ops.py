@@ -6,6 +6,7 @@ from flax import linen as nn
 
 from bnnjax import layers as L
 from bnnjax import ops
+from bnnjax import packing
 
 KEY = jax.random.key(0)
 
@@ -173,3 +174,26 @@ def test_binary_blocks_keep_one_float_per_activation_for_the_backward(act, monke
     isolated = temp_bytes()
     monkeypatch.setattr(ops, "_ISOLATE_MIN_BYTES", 2**62)
     assert isolated <= temp_bytes() - x.nbytes
+
+
+@pytest.mark.parametrize("cout,channels,padding,pad_values", [(8, 40, "SAME", 0.0), (8, 40, "SAME", 1.0),
+                                                             (640, 100, "SAME", 0.0), (640, 100, "VALID", 1.0)])
+def test_packed_conv_reads_small_kernels_taps_in_place(cout, channels, padding, pad_values):
+    """Packed inference on CPU: a kernel small enough for the fused direct kernel is multiplied from the
+    input's taps (no patches: no stacking of taps in the program), a large one through the patches; both
+    are the convolution of the signs, zero padding corrected exactly."""
+    rng = np.random.default_rng(cout)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, channels)).astype(np.float32))
+    w = np.where(rng.random((3, 3, channels, cout)) < 0.5, 1.0, -1.0).astype(np.float32)
+    kernel = packing.PackedKernel(words=packing.pack_kernel(w), shape=w.shape)
+    small = kernel.words.size <= packing._DIRECT_MAX_KERNEL_WORDS
+    assert small == (cout == 8)
+    fn = lambda v: ops.packed_conv(v, kernel, strides=(2, 1), padding=padding, pad_values=pad_values)  # noqa: E731
+    program = str(jax.make_jaxpr(fn)(x))
+    assert ("stack[" in program or "concatenate[" in program) == (not small)
+    sx = jnp.where(x < 0, -1.0, 1.0)
+    pads = [(1, 1), (1, 1)] if padding == "SAME" else [(0, 0), (0, 0)]
+    want = jax.lax.conv_general_dilated(jnp.pad(sx, [(0, 0)] + pads + [(0, 0)], constant_values=pad_values), w, (2, 1),
+                                        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_array_equal(jax.jit(fn)(x), want)

@@ -36,7 +36,7 @@ def test_xnor_matmul_is_exact(kernel, m, n, k):
 
 @pytest.mark.parametrize("m,n,k", [(9000, 64, 288), (5001, 10, 1600), (4100, 31, 1000), (3001, 64, 570)])
 def test_inference_kernel_for_small_kernels_is_exact(m, n, k):
-    """Packed inference gives small kernels (at most 4608 words) the fusible direct kernel at any batch;
+    """Packed inference gives small kernels (at most 18432 words) the fusible direct kernel at any batch;
     large M, N or K not multiples of 8 or 32: the same integers as the isolated blocked kernel."""
     rng = np.random.default_rng(m + n + k)
     a, b = pm1(rng, (m, k)), pm1(rng, (n, k))
@@ -77,6 +77,36 @@ def test_direct_kernel_reads_a_kernel_argument_in_rows(m):
     for body in popcount_fusions:
         assert "u32[64,9]" not in body and "u32[576]" in body, body[:2000]
     np.testing.assert_array_equal(fn(pk.pack_bits(a), pk.pack_bits(b)), np.maximum(a @ b.T, 0).astype(np.int32))
+
+
+@pytest.mark.parametrize("shape,kernel_hw,strides,dilation,pads,cout", [
+    ((2, 9, 7, 33), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 5),
+    ((1, 8, 8, 64), (3, 3), (2, 2), (1, 1), ((0, 1), (0, 1)), 64),
+    ((3, 10, 6, 70), (3, 2), (2, 1), (2, 1), ((2, 2), (1, 0)), 3),
+    ((2, 5, 5, 1), (1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), 7)])
+def test_conv_from_taps_is_the_patches_product(shape, kernel_hw, strides, dilation, pads, cout):
+    """The direct kernel fed a convolution's taps (the slices of the packed, padded input) gives the
+    patches' product: channels not a multiple of 32, strides, dilation, uneven padding, 1x1; also
+    exported with a symbolic batch."""
+    rng = np.random.default_rng(shape[-1] + cout)
+    x, w = pm1(rng, shape), pm1(rng, kernel_hw + (shape[-1], cout))
+    words = jnp.pad(pk.pack_bits(x), ((0, 0),) + pads + ((0, 0),))
+    kw = pk.pack_kernel(w)
+    k = int(np.prod(w.shape[:-1]))
+    fn = jax.jit(lambda u: pk.xnor_conv_taps(pk.word_taps(u, kernel_hw, strides, dilation), kw, k))
+    want = pk.xnor_matmul(pk.extract_patches(words, kernel_hw, strides, ((0, 0),) * 2, dilation), kw, k)
+    np.testing.assert_array_equal(fn(words), want)
+    batch, = jax.export.symbolic_shape("batch")
+    exported = jax.export.export(fn)(jax.ShapeDtypeStruct((batch,) + words.shape[1:], jnp.uint32))
+    np.testing.assert_array_equal(exported.call(words[:1]), want[:1])
+
+
+def test_conv_from_taps_refuses_mismatched_taps_and_kernel():
+    t = jnp.zeros((2, 4, 4, 2), jnp.uint32)
+    with pytest.raises(ValueError, match="taps of 2 words"):
+        pk.xnor_conv_taps([t] * 9, jnp.zeros((5, 17), jnp.uint32), 500)
+    with pytest.raises(ValueError, match="one shape"):
+        pk.xnor_conv_taps([t, t[:, :3]], jnp.zeros((5, 4), jnp.uint32), 100)
 
 
 @pytest.mark.parametrize("words,chunk", [(5, 5), (7, 7), (18, 9), (36, 12), (144, 16), (34, 34)])
