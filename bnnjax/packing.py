@@ -402,8 +402,9 @@ def extract_patches(x_words, kernel_hw: Sequence[int], strides: Sequence[int], p
     if any(p != (0, 0) for p in pads):
         x_words = jnp.pad(x_words, ((0, 0),) + tuple(tuple(p) for p in pads) + ((0, 0),))
     cols = word_taps(x_words, kernel_hw, strides, dilation)
-    # stacked on a new axis, then merged: XLA fuses this with the slices into one loop, where a
-    # concatenation of the slices ran as nine kernels plus a copy (~15 % of QuickNet's batch-1 time)
+    # stacked on a new axis, then merged (a concatenation of the slices ran as nine kernels plus a
+    # copy, ~15 % of QuickNet's batch-1 time; XLA may still run a small kernel per tap, which is why
+    # packed inference reads small kernels' taps in place: xnor_conv_taps)
     return jnp.stack(cols, axis=3).reshape(cols[0].shape[:3] + (-1,))
 
 
