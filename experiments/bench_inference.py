@@ -45,18 +45,21 @@ import bnnjax
 from bnnjax import datasets, export, ops, packing, train, zoo
 
 
-def interleaved_ms(fns: dict, x, repeats: int, burst: int = 1) -> dict:
+def interleaved_ms(fns: dict, x, repeats: int, burst: int = 1, budget_s: float = 20.0) -> dict:
     """Median milliseconds per call of each function on ``x``, timed round-robin so that the machine's
     speed drifting during the run affects every path alike: each round calls every path ``burst``
     times in a row (a serving loop's back-to-back calls, as the peers' scripts and the kernel rates
     are timed), ``repeats`` rounds, after one untimed call: the first call after another path (the
     float path's large temporaries) starts with cold caches, which a serving loop does not see, and
     in a fixed order the same path would always pay it (seed 000's ``packed`` after ``flax_eval``:
-    5.2 against 4.4 ms)."""
+    5.2 against 4.4 ms). Fewer rounds (at least 3, at most ``repeats``) where ``repeats`` would take more than
+    ``budget_s`` (the float paths at large batches)."""
+    t0 = time.perf_counter()
     for fn in fns.values():
         jax.block_until_ready(fn(x))
+    rounds = min(repeats, max(3, int(budget_s / ((burst + 1) * (time.perf_counter() - t0)))))
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
             jax.block_until_ready(fn(x))
             for _ in range(burst):
@@ -149,7 +152,7 @@ def run(name, build, a, rates):
         fns = {pname: make(b) for pname, (make, _) in paths.items()}
         identical = {pname: bool(np.array_equal(np.concatenate([np.asarray(fn(x)).argmax(-1) for x in evals]), want))
                      for pname, fn in fns.items()}
-        ms = interleaved_ms(fns, evals[0], a.repeats if b == 1 else max(3, a.repeats // 5), a.burst)
+        ms = interleaved_ms(fns, evals[0], a.repeats, a.burst)
         for pname, (_, nbytes) in paths.items():
             row = {"model": name, "path": pname, "batch": b, "img_s": round(1e3 * b / ms[pname], 1),
                    "latency_ms": round(ms[pname], 3), "predictions_identical": identical[pname],
