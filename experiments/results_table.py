@@ -145,8 +145,10 @@ def inference(results_dir: Path = RESULTS) -> str:
         same = all(r.get("predictions_identical") for r in paths.values())
         art = paths.get("artifact", {})
         bound = [_ms(art["bound_ms"]), f"{art['ratio_to_bound']:.2f}"] if "bound_ms" in art else ["-", "-"]
-        rows.append([MODEL_NAMES.get(model, model), batch, *cells, *bound, "yes" if same else "NO"])
-    return _table(["model", "batch", *PATHS, "bound", "artifact / bound", "predictions = float's"], rows)
+        strict = f"{art['ratio_to_strict_bound']:.2f}" if "ratio_to_strict_bound" in art else "-"
+        rows.append([MODEL_NAMES.get(model, model), batch, *cells, *bound, strict, "yes" if same else "NO"])
+    return _table(["model", "batch", *PATHS, "bound", "artifact / bound", "artifact / strict bound",
+                   "predictions = float's"], rows)
 
 
 def inference_sizes(results_dir: Path = RESULTS) -> str:
