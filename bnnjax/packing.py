@@ -30,9 +30,9 @@ from jax import lax
 from bnnjax import _padding
 
 __all__ = ["WORD_BITS", "num_words", "pack_bits", "unpack_bits", "xnor_matmul", "xnor_matmul_blocked",
-           "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "word_taps", "xnor_conv_taps",
-           "pad_correction",
-           "tap_sums", "backend_kernel", "compiler_options", "cpu_flags", "pack_kernel", "PackedKernel"]
+           "block_rows", "unblock_rows", "ROW_BLOCK", "binary_conv2d", "extract_patches", "word_taps",
+           "xnor_conv_taps", "pad_correction", "tap_sums", "backend_kernel", "compiler_options", "cpu_flags",
+           "pack_kernel", "PackedKernel"]
 
 WORD_BITS = 32
 ROW_BLOCK = 8  # rows of the left operand per vector lane group on CPU
